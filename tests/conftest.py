@@ -1,0 +1,47 @@
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def paragraphs():
+    from lib.pools import pydoc_paragraphs
+
+    return pydoc_paragraphs(min_chars=80, max_chars=300)
+
+
+@pytest.fixture(scope="session")
+def pool_files(tmp_path_factory, paragraphs):
+    """A small text pool (good rows only) and a labelled held-out file with corrupted rows."""
+    import random
+
+    from lib.data import corrupt_text
+
+    d = tmp_path_factory.mktemp("pool")
+    train = write_jsonl(d / "train.jsonl", [{"text": p} for p in paragraphs[:48]])
+    rng = random.Random(0)
+    held = []
+    for i, p in enumerate(paragraphs[200:216]):
+        held.append({"text": p, "label": 1})
+        held.append({"text": corrupt_text(p, paragraphs[0], "noise", rng), "label": 0})
+    val = write_jsonl(d / "val.jsonl", held)
+    return {"train": train, "val": val, "dir": d}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,67 @@
+import logging
+
+import pytest
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from lib.callbacks import SafeCallback, ScheduleCallback, parse_schedules, schedule_value
+from lib.errors import UserError
+from lib.registry import Registry, resolve_attn_implementation
+
+
+def test_registry_falls_back_with_a_warning(caplog):
+    reg = Registry("kernel")
+    reg.register("fast", "F", fallback="medium", available=lambda: False)
+    reg.register("medium", "M", fallback="slow")
+    reg.register("slow", "S")
+    with caplog.at_level(logging.WARNING):
+        assert reg.get("fast") == "M"
+    assert "falling back to 'medium'" in caplog.text
+    assert reg.chain("fast") == ["medium", "slow"]
+    with pytest.raises(UserError, match="Unknown kernel 'turbo'; choose one of: fast, medium, slow"):
+        reg.get("turbo")
+
+
+def test_attention_chain_on_cpu_skips_flash_attention():
+    import torch
+
+    chain = resolve_attn_implementation("flash_attention_2")
+    if not torch.cuda.is_available():
+        assert chain == ["sdpa", "eager"]
+    assert resolve_attn_implementation(None) == [None]
+
+
+def test_schedules_anneal_and_switch():
+    s = parse_schedules('[{"name": "a", "start": 0, "end": 1, "from_epoch": 1, "to_epoch": 3},'
+                        ' {"name": "b", "value": 5, "at_epoch": 2}]')
+    assert schedule_value(s[0], 0.5, 9) == 0 and schedule_value(s[0], 2, 9) == 0.5 and schedule_value(s[0], 4, 9) == 1
+    assert schedule_value(s[1], 1.9, 7) == 7 and schedule_value(s[1], 2.0, 7) == 5
+    with pytest.raises(UserError, match="needs either start/end"):
+        parse_schedules([{"name": "c"}])
+
+
+def test_schedule_callback_drives_the_target_from_the_step_counter():
+    target = {"route_loss_coef": 1.0, "aux_loss_coef": 0.0}
+    cb = ScheduleCallback(parse_schedules([{"name": "aux_loss_coef", "value": 0.5, "at_epoch": 1}]), target)
+    state = TrainerState()
+    state.max_steps, state.num_train_epochs, state.global_step = 20, 2, 0
+    args = TrainingArguments(output_dir="/tmp/unused", report_to="none")
+    cb.on_train_begin(args, state, TrainerControl())
+    assert target["aux_loss_coef"] == 0.0
+    state.global_step = 10
+    cb.on_step_begin(args, state, TrainerControl())
+    assert target["aux_loss_coef"] == 0.5
+    with pytest.raises(UserError, match="not schedulable"):
+        ScheduleCallback(parse_schedules([{"name": "lr", "value": 1, "at_epoch": 1}]), target)
+
+
+def test_safe_callback_warns_instead_of_raising(caplog):
+    class Broken(TrainerCallback):
+        def on_log(self, args, state, control, **kwargs):
+            raise RuntimeError("tracker down")
+
+    cb = SafeCallback(Broken())
+    with caplog.at_level(logging.WARNING):
+        assert cb.on_log(None, None, None, logs={}) is None
+        cb.on_log(None, None, None, logs={})
+    assert caplog.text.count("tracker down") == 1
+    assert cb.on_step_end(None, None, "ctl") is None  # events the inner callback does not override still work

@@ -1,0 +1,119 @@
+import json
+import random
+
+import pytest
+
+from lib.args import DataArguments, ModelArguments, parse_args
+from lib.data import (
+    CORRUPTIONS,
+    DataError,
+    PadCollator,
+    check_fields,
+    collect_rows,
+    load_rows,
+    parse_label,
+    synthetic_negatives,
+)
+from lib.errors import UserError
+from tests.conftest import write_jsonl
+
+
+def test_load_rows_formats_and_errors(tmp_path):
+    import pandas as pd
+
+    rows = [{"text": "a b c", "label": 1}, {"text": "d e f", "label": 0}]
+    write_jsonl(tmp_path / "x.jsonl", rows)
+    pd.DataFrame(rows).to_parquet(tmp_path / "x.parquet")
+    pd.DataFrame(rows).to_csv(tmp_path / "x.csv", index=False)
+    (tmp_path / "x.json").write_text(json.dumps(rows))
+    for name in ("x.jsonl", "x.parquet", "x.csv", "x.json"):
+        ds = load_rows(str(tmp_path / name))
+        assert ds["text"] == ["a b c", "d e f"], name
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty.jsonl is empty"):
+        load_rows(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "x.xlsx").write_text("not a table")
+    with pytest.raises(DataError, match=r"x.xlsx: unsupported file type '.xlsx'"):
+        load_rows(str(tmp_path / "x.xlsx"))
+
+
+def test_missing_field_names_what_is_there(tmp_path):
+    ds = load_rows(write_jsonl(tmp_path / "p.jsonl", [{"txt": "hello"}]))
+    with pytest.raises(DataError, match=r"no field 'text' \(fields: txt\); set --text_field"):
+        check_fields(ds, "p.jsonl", text_field="text", messages_field=None, label_field=None)
+
+
+@pytest.mark.parametrize("value,expected", [(1, 1), (0, 0), (True, 1), ("0", 0), ("true", 1), (1.0, 1)])
+def test_labels_accepted(value, expected):
+    assert parse_label(value, "f", 0, "label") == expected
+
+
+@pytest.mark.parametrize("value", [2, -1, "good", None, 0.5])
+def test_bad_labels_refused_with_row(value):
+    with pytest.raises(DataError, match=r"f row 3: field 'label' is .*; labels must be 1 \(good\) or 0"):
+        parse_label(value, "f", 3, "label")
+
+
+def test_collect_rows_skips_empty_and_validates_messages(tmp_path):
+    from lib.models.loading import load_tokenizer
+
+    tok = load_tokenizer("builtin:tiny-llama")
+    ds = load_rows(write_jsonl(tmp_path / "t.jsonl", [{"text": "ok"}, {"text": "  "}, {"text": "fine"}]))
+    items, labels, empty = collect_rows(ds, "t.jsonl", tok, text_field="text", messages_field=None, label_field=None)
+    assert items == ["ok", "fine"] and labels == [1, 1] and empty == 1
+    bad = load_rows(write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user"}]}]))
+    with pytest.raises(DataError, match="row 0: field 'messages' must be a list"):
+        collect_rows(bad, "m.jsonl", tok, text_field="text", messages_field="messages", label_field=None)
+
+
+def test_synthetic_negatives_are_seeded_and_cover_every_kind(paragraphs):
+    good = paragraphs[:20]
+    a = synthetic_negatives(good, list(CORRUPTIONS), 1.0, seed=3, chat=False)
+    b = synthetic_negatives(good, list(CORRUPTIONS), 1.0, seed=3, chat=False)
+    c = synthetic_negatives(good, list(CORRUPTIONS), 1.0, seed=4, chat=False)
+    assert a == b and a != c and len(a) == 20
+    assert not set(a) & set(good)
+    for kind, fn in CORRUPTIONS.items():
+        out = fn(good[0], good[1], random.Random(0))
+        assert out != good[0], kind
+
+
+def test_chat_negatives_corrupt_only_the_answer():
+    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer number {i} here"}]
+             for i in range(4)]
+    out = synthetic_negatives(convs, ["mismatch"], 1.0, seed=0, chat=True)
+    for conv in out:
+        assert conv[0]["content"].startswith("q")
+        q = int(conv[0]["content"][1:])
+        assert conv[1]["content"] != f"answer number {q} here"
+
+
+def test_pad_collator_pads_labels_with_ignore_index():
+    batch = PadCollator(pad_token_id=7)([
+        {"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3], "quality": 1},
+        {"input_ids": [4], "attention_mask": [1], "labels": [-100], "quality": 0},
+    ])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [-100, -100, -100]]
+    assert batch["quality"].tolist() == [1, 0]
+
+
+def test_recipe_defaults_and_cli_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: builtin:tiny-mixtral\ntrain_file: a.jsonl\nmax_seq_length: 64\n")
+    model_args, data_args = parse_args((ModelArguments, DataArguments), [str(recipe), "--max_seq_length", "32"])
+    assert model_args.model_name_or_path == "builtin:tiny-mixtral"
+    assert data_args.train_file == "a.jsonl" and data_args.max_seq_length == 32
+    (tmp_path / "bad.yaml").write_text("model_name_or_path: x\ntrain_file: a\nmax_seq_lenght: 3\n")
+    with pytest.raises(UserError, match=r"unknown setting\(s\) \['max_seq_lenght'\]"):
+        parse_args((ModelArguments, DataArguments), [str(tmp_path / "bad.yaml")])
+
+
+def test_argument_validation_is_one_sentence():
+    with pytest.raises(UserError, match="--upcycle_top_k must be between 1 and --upcycle_experts"):
+        ModelArguments(model_name_or_path="x", upcycle_experts=4, upcycle_top_k=5)
+    with pytest.raises(UserError, match="unknown corruption"):
+        DataArguments(train_file="x", synthetic_kinds="shuffle,blur")

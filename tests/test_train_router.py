@@ -1,0 +1,122 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_router
+from lib.errors import UserError
+from lib.models.loading import resolve_model_path
+from tests.conftest import ROOT, write_jsonl
+
+
+def run(tmp_path, train_file, *extra, model="builtin:tiny-mixtral", out="out"):
+    out_dir = str(tmp_path / out)
+    argv = ["--model_name_or_path", model, "--train_file", train_file, "--output_dir", out_dir,
+            "--per_device_train_batch_size", "8", "--max_seq_length", "48", "--learning_rate", "5e-3",
+            "--logging_steps", "2", "--report_to", "none", "--seed", "7", *extra]
+    train_router.main(argv)
+    return out_dir
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_only_routers_change_and_checkpoints_are_complete(tmp_path, pool_files):
+    out = run(tmp_path, pool_files["train"], "--synthetic_negatives", "--num_train_epochs", "2",
+              "--validation_file", pool_files["val"], "--eval_strategy", "epoch")
+    before = weights(resolve_model_path("builtin:tiny-mixtral"))
+    after = weights(out)
+    assert before.keys() == after.keys()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    # Mixtral checkpoints keep the hub's on-disk name (block_sparse_moe) for what is mlp.gate in memory.
+    assert changed == [f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)]
+    assert all(after[k].dtype == torch.float32 for k in changed)
+    # One checkpoint per epoch, each loadable by select_data.py: full model + router_config.json.
+    ckpts = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))
+    assert len(ckpts) == 2
+    for c in ckpts:
+        cfg = json.load(open(os.path.join(out, c, "router_config.json")))
+        assert cfg["garbage_experts"] == {"0": [3], "1": [3]} and cfg["num_experts"] == 4
+        assert os.path.exists(os.path.join(out, c, "model.safetensors"))
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    keys = set().union(*state["log_history"])
+    for name in ["router/entropy", "router/garbage_mass_good", "router/garbage_mass_bad", "loss/lm",
+                 "loss/route", "loss/aux", "eval_router/auroc"]:
+        assert name in keys, name
+    assert "held-out AUROC" in open(os.path.join(out, "README.md")).read()
+
+
+def test_resume_equals_uninterrupted(tmp_path, pool_files):
+    common = ["--synthetic_negatives", "--num_train_epochs", "2"]
+    full = run(tmp_path, pool_files["train"], *common, out="full")
+    first = sorted((d for d in os.listdir(full) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))[0]
+    resumed = run(tmp_path, pool_files["train"], *common, "--resume_from_checkpoint",
+                  os.path.join(full, first), out="resumed")
+    a, b = weights(full), weights(resumed)
+    for k in (f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)):
+        assert torch.allclose(a[k], b[k], atol=1e-7), k
+    la = [h["loss"] for h in json.load(open(os.path.join(full, "trainer_state.json")))["log_history"] if "loss" in h]
+    lb = [h["loss"] for h in json.load(open(os.path.join(resumed, "trainer_state.json")))["log_history"] if "loss" in h]
+    assert la[-1] == pytest.approx(lb[-1], rel=1e-5)
+
+
+def test_chat_rows_labels_and_probe_selection(tmp_path, paragraphs):
+    rows = []
+    for i, p in enumerate(paragraphs[:24]):
+        rows.append({"messages": [{"role": "user", "content": f"Explain topic {i}."},
+                                  {"role": "assistant", "content": p}], "label": 1})
+        rows.append({"messages": [{"role": "user", "content": f"Explain topic {i}."},
+                                  {"role": "assistant", "content": " ".join(reversed(p.split()))}], "label": 0})
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = run(tmp_path, data, "--messages_field", "messages", "--label_field", "label", "--max_steps", "3",
+              "--garbage_selection", "probe", "--garbage_expert_ratio", "0.25", model="builtin:tiny-olmoe")
+    cfg = json.load(open(os.path.join(out, "router_config.json")))
+    assert cfg["method"] == "probe" and all(len(v) == 2 for v in cfg["garbage_experts"].values())
+
+
+def test_upcycled_dense_model_trains(tmp_path, pool_files):
+    out = run(tmp_path, pool_files["train"], "--synthetic_negatives", "--max_steps", "2",
+              "--upcycle_experts", "4", "--upcycle_top_k", "2", model="builtin:tiny-qwen3")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(out)
+    assert cfg.model_type == "qwen3_moe" and cfg.num_experts == 4
+    assert json.load(open(os.path.join(out, "router_config.json")))["upcycled"]["num_experts"] == 4
+
+
+def test_bad_inputs_give_one_sentence(tmp_path, pool_files):
+    with pytest.raises(UserError, match="is not an MoE model .*--upcycle_experts"):
+        run(tmp_path, pool_files["train"], "--synthetic_negatives", model="builtin:tiny-llama")
+    with pytest.raises(UserError, match="has no field 'body'"):
+        run(tmp_path, pool_files["train"], "--text_field", "body", "--synthetic_negatives")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine text", "label": 1}, {"text": "x y", "label": "maybe"}])
+    with pytest.raises(UserError, match=r"bad.jsonl row 1: field 'label' is 'maybe'"):
+        run(tmp_path, bad, "--label_field", "label")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="empty.jsonl is empty"):
+        run(tmp_path, str(tmp_path / "empty.jsonl"), "--synthetic_negatives")
+    with pytest.raises(UserError, match="no garbage rows .*--synthetic_negatives"):
+        run(tmp_path, pool_files["train"])
+
+
+def test_cli_prints_one_line_for_user_errors(tmp_path, pool_files):
+    proc = subprocess.run(
+        [sys.executable, "train_router.py", "--model_name_or_path", "builtin:tiny-llama", "--train_file",
+         pool_files["train"], "--output_dir", str(tmp_path / "o"), "--synthetic_negatives"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: builtin:tiny-llama is not an MoE model")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["train_router.py", "benchmarks/bench_router.py", "-m lib.pools"])
+def test_help_is_fast_and_complete(script):
+    proc = subprocess.run([sys.executable, *script.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in proc.stdout.lower()

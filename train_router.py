@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Stage 1 of data selection: train only the MoE routers so that routing separates good data from garbage.
+
+Everything but the router weights is frozen. Each layer's experts are split into quality experts and a
+garbage bin; the loss is the LM loss on good rows + a routing loss (garbage rows onto the garbage bin, good
+rows off it) + load balancing. A checkpoint (full model + router_config.json) is saved every epoch for
+select_data.py.
+
+Single process, upcycling the builtin dense model into an 8-expert MoE:
+    python train_router.py --model_name_or_path builtin:smollm2-135m-instruct --upcycle_experts 8 --upcycle_top_k 2 \
+        --train_file data/pool.jsonl --text_field text --label_field label \
+        --garbage_expert_ratio 0.25 --output_dir outputs/router --num_train_epochs 2 --per_device_train_batch_size 8
+
+From a recipe (command-line flags override it):
+    python train_router.py recipes/train_router_smollm2.yaml --output_dir outputs/router
+
+Data-parallel on 2 processes (GPUs, or CPU with gloo):
+    torchrun --nproc_per_node 2 train_router.py recipes/train_router_smollm2.yaml
+
+DeepSpeed ZeRO-2 / ZeRO-3 (an MoE checkpoint from the hub, no upcycling):
+    deepspeed --num_gpus 2 train_router.py --model_name_or_path Qwen/Qwen3-30B-A3B --train_file pool.jsonl \
+        --label_field label --output_dir outputs/router --bf16 --deepspeed ds_configs/zero3.json
+
+Multi-node: `torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 train_router.py ...` or
+`deepspeed --hostfile hostfile train_router.py ...`. Resume: add `--resume_from_checkpoint outputs/router/checkpoint-N`
+(or `--resume_from_checkpoint true` for the latest one in --output_dir).
+"""
+
+import sys
+
+
+def main(argv=None) -> str:
+    import logging
+    import os
+
+    import transformers
+    from transformers import set_seed
+
+    from lib.args import DataArguments, ModelArguments, parse_args
+    from lib.callbacks import MetricsFileCallback, SafeCallback, ScheduleCallback, parse_schedules
+    from lib.errors import UserError
+    from lib.data import PadCollator, prepare_router_datasets
+    from lib.freezing import freeze_all_but
+    from lib.models.loading import load_model_and_tokenizer
+    from lib.models.moe import ExpertSplit, check_uniform_routers, keep_routers_fp32, prepare_moe_for_zero3
+    from lib.registry import ROUTERS
+    from lib.trainers.router import RouterTrainer, RouterTrainingArguments, router_metrics
+
+    # ---- arguments ---------------------------------------------------------------------------------
+    model_args, data_args, args = parse_args((ModelArguments, DataArguments, RouterTrainingArguments), argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    transformers.utils.logging.set_verbosity_warning()
+    schedules = parse_schedules(args.schedule)
+    set_seed(args.seed)
+
+    # ---- model -------------------------------------------------------------------------------------
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    routers = ROUTERS.get(args.router_type)(model)
+    if not routers:
+        raise UserError(
+            f"{model_args.model_name_or_path} is not an MoE model (no router found); load an MoE checkpoint "
+            "or pass --upcycle_experts N to turn this dense model into one."
+        )
+    check_uniform_routers(routers)
+
+    # ---- freeze everything but the routers (fp32) --------------------------------------------------
+    freeze_all_but(model, module_names=[r.name for r in routers])
+    if args.deepspeed:
+        # Under DeepSpeed mixed precision the optimizer keeps fp32 master weights of the routers.
+        prepare_moe_for_zero3(model)
+    else:
+        keep_routers_fp32(routers)
+
+    # ---- data --------------------------------------------------------------------------------------
+    train_ds, eval_ds, data_summary = prepare_router_datasets(
+        data_args, tokenizer, seed=args.seed, main_process_first=args.main_process_first)
+    if args.process_index == 0:
+        print(f"data: {data_summary}", flush=True)
+
+    # ---- trainer -----------------------------------------------------------------------------------
+    split = None
+    if args.garbage_selection == "index":
+        split = ExpertSplit.by_index(routers, args.garbage_expert_ratio)
+    config_extra = {
+        "base_model": model_args.model_name_or_path,
+        "upcycled": getattr(model.config, "upcycled_from", None),
+        "scoring": {"default_score": "quality_score", "max_seq_length": data_args.max_seq_length,
+                    "text_field": data_args.text_field, "messages_field": data_args.messages_field},
+    }
+    trainer = RouterTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        compute_metrics=router_metrics if eval_ds is not None else None,
+        routers=routers, split=split, probe_dataset=train_ds if split is None else None,
+        router_config_extra=config_extra,
+    )
+    if schedules:
+        trainer.add_callback(ScheduleCallback(schedules, trainer.coefs))
+    trainer.add_callback(SafeCallback(MetricsFileCallback()))
+
+    # ---- train, save, evaluate ---------------------------------------------------------------------
+    resume = args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        resume = resume.lower() == "true"
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    trainer.log_metrics("train", result.metrics)
+    if eval_ds is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message="train_router.py: trained MoE routers")
+    if trainer.is_world_process_zero():
+        print(f"router checkpoint: {os.path.abspath(args.output_dir)}", flush=True)
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    from lib.errors import run_main
+
+    run_main(main)
