@@ -106,12 +106,18 @@ def main(argv=None) -> str:
     trainer.save_model(args.output_dir)
     trainer.save_state()
     trainer.log_metrics("train", result.metrics)
+    auroc = None
     if eval_ds is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
+        # The last epoch was just evaluated when eval_strategy=epoch; evaluate here only otherwise.
+        last = [h for h in trainer.state.log_history if "eval_router/auroc" in h]
+        metrics = trainer.evaluate() if args.eval_strategy == "no" or not last else last[-1]
+        trainer.log_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
+        auroc = metrics.get("eval_router/auroc")
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="train_router.py: trained MoE routers")
     if trainer.is_world_process_zero():
+        if auroc is not None:
+            print(f"held-out AUROC of the router quality score: {auroc:.4f}", flush=True)
         print(f"router checkpoint: {os.path.abspath(args.output_dir)}", flush=True)
     return args.output_dir
 

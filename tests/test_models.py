@@ -106,3 +106,38 @@ def test_expert_split_by_index_probe_and_roundtrip(tmp_path):
         load_router_config(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="strictly between 0 and 1"):
         ExpertSplit.by_index(routers, 1.0)
+
+
+def _router_grads(model, routers, detach):
+    from lib.losses import load_balancing_loss, routing_loss
+
+    model.zero_grad(set_to_none=True)
+    x = torch.randint(0, 1000, (4, 16))
+    torch.manual_seed(0)
+    with RouterCapture(routers, detach=detach) as cap:
+        model(x, use_cache=False, logits_to_keep=1)
+    masks = ExpertSplit.by_index(routers, 0.25).masks()
+    is_garbage = torch.tensor([True, False, True, False])[:, None].expand(4, 16).reshape(-1)
+    keep = torch.ones(64, dtype=torch.bool)
+    loss = routing_loss(cap.logits, masks, is_garbage, keep) + 0.1 * load_balancing_loss(cap.logits, 2, keep)
+    loss.backward()
+    return [r.module.weight.grad.clone() for r in routers]
+
+
+def _full_and_local_grads(model):
+    routers = find_moe_routers(model)
+    freeze_all_but(model, module_names=[r.name for r in routers], verbose=False)
+    torch.manual_seed(1)
+    full = _router_grads(model, routers, detach=False)
+    torch.manual_seed(1)
+    return full, _router_grads(model, routers, detach=True)
+
+
+def test_local_router_gradient_is_exact_for_identical_experts_only():
+    full, local = _full_and_local_grads(upcycle_to_moe(load_model("builtin:tiny-llama"), 4, 2))
+    for f, l in zip(full, local):
+        assert torch.allclose(f, l, atol=1e-7)
+    # With distinct experts, earlier routers also shape later layers' inputs: the gradients differ.
+    full, local = _full_and_local_grads(load_model("builtin:tiny-mixtral"))
+    assert torch.allclose(full[-1], local[-1], atol=1e-7)  # the last router has nothing downstream to shape
+    assert not torch.allclose(full[0], local[0], atol=1e-6)

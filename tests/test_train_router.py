@@ -120,3 +120,14 @@ def test_help_is_fast_and_complete(script):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage" in proc.stdout.lower()
+
+
+def test_local_router_gradient_trains_and_validates(tmp_path, pool_files):
+    out = run(tmp_path, pool_files["train"], "--synthetic_negatives", "--max_steps", "3",
+              "--router_gradient", "local", "--lm_loss_coef", "0")
+    before = weights(resolve_model_path("builtin:tiny-mixtral"))
+    after = weights(out)
+    assert sorted(k for k in before if not torch.equal(before[k], after[k])) == [
+        f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)]
+    with pytest.raises(UserError, match="--router_gradient local .* set --lm_loss_coef 0"):
+        run(tmp_path, pool_files["train"], "--synthetic_negatives", "--router_gradient", "local", out="o2")

@@ -93,19 +93,33 @@ class RouterCapture:
 
     Hooks are only active inside ``with capture:``, so the extra forward of gradient checkpointing during
     backward does not append duplicates. Each entry is ``(batch * seq, num_experts)``, padding included.
+
+    ``detach=True`` cuts every router out of the network's graph: its input is detached and the routing
+    weights it hands to the experts are detached, so gradients reach a router only through its own logits
+    and nothing downstream is recorded for backward (no activations kept, no backward through the model).
     """
 
-    def __init__(self, routers: list[RouterInfo]):
+    def __init__(self, routers: list[RouterInfo], detach: bool = False):
         self.routers = routers
+        self.detach = detach
         self.logits: list[torch.Tensor] = []
         self._handles: list = []
 
+    def _pre_hook(self, module, args):
+        return tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+
     def _hook(self, module, inputs, output):
-        self.logits.append(output[0] if isinstance(output, tuple) else output)
+        logits = output[0] if isinstance(output, tuple) else output
+        self.logits.append(logits)
+        if self.detach and isinstance(output, tuple):
+            return (logits,) + tuple(o.detach() if torch.is_tensor(o) else o for o in output[1:])
+        return None
 
     def __enter__(self) -> "RouterCapture":
         self.logits = []
         self._handles = [r.module.register_forward_hook(self._hook) for r in self.routers]
+        if self.detach:
+            self._handles += [r.module.register_forward_pre_hook(self._pre_hook) for r in self.routers]
         return self
 
     def __exit__(self, *exc):

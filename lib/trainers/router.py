@@ -38,6 +38,14 @@ class RouterTrainingArguments(FrozenBackboneTrainingArguments):
                   "choices": ["index", "probe"]},
     )
     probe_samples: int = field(default=64, metadata={"help": "Garbage and good rows each used by garbage_selection=probe."})
+    router_gradient: str = field(
+        default="full",
+        metadata={"help": "full: exact gradients through the network (LM term included). local: each router "
+                          "learns from its own logits only (routing + balancing losses), about 3x faster with no "
+                          "activations kept; exact for freshly upcycled identical experts, an approximation "
+                          "otherwise. Needs --lm_loss_coef 0; not available under ZeRO-3.",
+                  "choices": ["full", "local"]},
+    )
     lm_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the LM loss on good rows."})
     route_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the garbage-routing loss."})
     aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
@@ -60,6 +68,15 @@ class RouterTrainingArguments(FrozenBackboneTrainingArguments):
         for name in ("lm_loss_coef", "route_loss_coef", "aux_loss_coef"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.router_gradient == "local":
+            if self.lm_loss_coef > 0:
+                raise UserError("--router_gradient local trains routers through the routing losses only, so the LM "
+                                "term cannot reach them; set --lm_loss_coef 0 or use --router_gradient full.")
+            ds_config = getattr(self, "hf_deepspeed_config", None)
+            if ds_config is not None and ds_config.is_zero3():
+                raise UserError("--router_gradient local is not available under ZeRO-3 (DeepSpeed reduces router "
+                                "gradients with a backward hook of the MoE block, which local gradients bypass); "
+                                "use --router_gradient full or ZeRO-2.")
         if self.probe_samples < 1:
             raise UserError(f"--probe_samples must be at least 1, got {self.probe_samples}.")
 
@@ -149,8 +166,9 @@ class RouterTrainer(FrozenBackboneTrainer):
         quality = inputs.pop("quality")
         labels = inputs.pop("labels")
         attention_mask = inputs["attention_mask"]
-        need_lm = self.coefs["lm_loss_coef"] > 0
-        with RouterCapture(self.routers) as cap:
+        local = self.args.router_gradient == "local"
+        need_lm = self.coefs["lm_loss_coef"] > 0 and not local
+        with RouterCapture(self.routers, detach=local) as cap:
             # Without an LM term, the LM head is only run on the last position.
             outputs = model(**inputs, use_cache=False, logits_to_keep=0 if need_lm else 1)
         masks = self.split.masks(attention_mask.device)
