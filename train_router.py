@@ -26,8 +26,6 @@ Multi-node: `torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_no
 (or `--resume_from_checkpoint true` for the latest one in --output_dir).
 """
 
-import sys
-
 
 def main(argv=None) -> str:
     import logging
@@ -38,8 +36,8 @@ def main(argv=None) -> str:
 
     from lib.args import DataArguments, ModelArguments, parse_args
     from lib.callbacks import MetricsFileCallback, SafeCallback, ScheduleCallback, parse_schedules
-    from lib.errors import UserError
     from lib.data import PadCollator, prepare_router_datasets
+    from lib.errors import UserError
     from lib.freezing import freeze_all_but
     from lib.models.loading import load_model_and_tokenizer
     from lib.models.moe import ExpertSplit, check_uniform_routers, keep_routers_fp32, prepare_moe_for_zero3
@@ -108,9 +106,10 @@ def main(argv=None) -> str:
     trainer.log_metrics("train", result.metrics)
     auroc = None
     if eval_ds is not None:
-        # The last epoch was just evaluated when eval_strategy=epoch; evaluate here only otherwise.
-        last = [h for h in trainer.state.log_history if "eval_router/auroc" in h]
-        metrics = trainer.evaluate() if args.eval_strategy == "no" or not last else last[-1]
+        # Reuse the evaluation of the final step when the schedule already ran one; evaluate otherwise.
+        last = [h for h in trainer.state.log_history
+                if "eval_router/auroc" in h and h.get("step") == trainer.state.global_step]
+        metrics = last[-1] if last else trainer.evaluate()
         trainer.log_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
         auroc = metrics.get("eval_router/auroc")
     if args.push_to_hub:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
+
 from lib.errors import UserError
 
 CHOICES_DTYPE = ["auto", "float32", "bfloat16", "float16"]

@@ -9,6 +9,7 @@ import os
 from typing import Any, MutableMapping
 
 from transformers import TrainerCallback
+
 from lib.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -245,7 +245,7 @@ def build_labelled_texts(items: list, labels: list[int], tokenizer, *, chat: boo
                          synthetic_kinds: list[str] | None, synthetic_ratio: float, seed: int) -> LabelledRows:
     """Render rows to text and append synthetic negatives made from the good rows when asked."""
     if synthetic_kinds:
-        good = [it for it, lab in zip(items, labels) if lab == 1]
+        good = [it for it, lab in zip(items, labels, strict=True) if lab == 1]
         if not good:
             raise DataError("--synthetic_negatives needs good rows (label 1) to corrupt, and there are none.")
         negatives = synthetic_negatives(good, synthetic_kinds, synthetic_ratio, seed, chat)
@@ -260,7 +260,7 @@ def tokenize_labelled(rows: LabelledRows, tokenizer, max_seq_length: int):
     import datasets
 
     enc = tokenizer(rows.texts, truncation=True, max_length=max_seq_length, add_special_tokens=True)
-    labels = [ids if q == 1 else [-100] * len(ids) for ids, q in zip(enc["input_ids"], rows.quality)]
+    labels = [ids if q == 1 else [-100] * len(ids) for ids, q in zip(enc["input_ids"], rows.quality, strict=True)]
     return datasets.Dataset.from_dict({
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],

@@ -9,6 +9,7 @@ import logging
 from typing import Iterable
 
 from torch import nn
+
 from lib.errors import UserError
 
 logger = logging.getLogger(__name__)

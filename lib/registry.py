@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
 from lib.errors import UserError
 
 logger = logging.getLogger(__name__)

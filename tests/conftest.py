@@ -35,7 +35,7 @@ def pool_files(tmp_path_factory, paragraphs):
     train = write_jsonl(d / "train.jsonl", [{"text": p} for p in paragraphs[:48]])
     rng = random.Random(0)
     held = []
-    for i, p in enumerate(paragraphs[200:216]):
+    for p in paragraphs[200:216]:
         held.append({"text": p, "label": 1})
         held.append({"text": corrupt_text(p, paragraphs[0], "noise", rng), "label": 0})
     val = write_jsonl(d / "val.jsonl", held)

@@ -135,7 +135,7 @@ def _full_and_local_grads(model):
 
 def test_local_router_gradient_is_exact_for_identical_experts_only():
     full, local = _full_and_local_grads(upcycle_to_moe(load_model("builtin:tiny-llama"), 4, 2))
-    for f, l in zip(full, local):
+    for f, l in zip(full, local, strict=True):
         assert torch.allclose(f, l, atol=1e-7)
     # With distinct experts, earlier routers also shape later layers' inputs: the gradients differ.
     full, local = _full_and_local_grads(load_model("builtin:tiny-mixtral"))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from lib.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def _build_smollm2(out: Path) -> None:
 def tiny_tokenizer():
     """A 1024-token byte-level BPE trained on Python's bundled documentation, with a ChatML template."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -253,7 +255,7 @@ def load_model(
         # Frozen-backbone training on CPU wants fp32; on GPU the checkpoint's own dtype is the sane default.
         dtype = "auto" if torch.cuda.is_available() else torch.float32
     kwargs: dict[str, Any] = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                                  use_safetensors=_prefers_safetensors(path))
+                                  use_safetensors=_require_safetensors(path))
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     last_error: Exception | None = None
@@ -269,8 +271,8 @@ def load_model(
     raise RuntimeError(f"No attention implementation could load {name_or_path}: {last_error}")
 
 
-def _prefers_safetensors(path: str) -> bool | None:
-    """Safe loading: demand safetensors unless a local folder only has legacy weights (then ask the user)."""
+def _require_safetensors(path: str) -> bool:
+    """Safe loading: always ask for safetensors; a local folder with only pickle weights gets told how to convert."""
     if os.path.isdir(path):
         files = os.listdir(path)
         if any(f.endswith(".safetensors") for f in files):

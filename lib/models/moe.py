@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lib.registry import ROUTERS
 from lib.errors import UserError
+from lib.registry import ROUTERS
 
 # Softmax top-k routers of the MoE families we support; their forward returns (logits, scores, indices).
 ROUTER_CLASSES = frozenset({

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
+from lib.errors import UserError
 from lib.losses import causal_lm_loss, load_balancing_loss, routing_entropy, routing_loss
 from lib.models.moe import (
     ROUTER_CONFIG_NAME,
@@ -21,7 +22,6 @@ from lib.models.moe import (
 )
 from lib.scoring import auroc, garbage_mass_per_token, row_garbage_mass
 from lib.trainers.base import FrozenBackboneTrainer, FrozenBackboneTrainingArguments
-from lib.errors import UserError
 
 logger = logging.getLogger(__name__)
 
