@@ -141,3 +141,28 @@ def test_local_router_gradient_is_exact_for_identical_experts_only():
     full, local = _full_and_local_grads(load_model("builtin:tiny-mixtral"))
     assert torch.allclose(full[-1], local[-1], atol=1e-7)  # the last router has nothing downstream to shape
     assert not torch.allclose(full[0], local[0], atol=1e-6)
+
+
+def test_builtin_models_build_on_any_rank_and_under_zero3(tmp_path, monkeypatch):
+    """The first process to need a builtin builds it; as rank 1 of a job, with a ZeRO-3 config active, the cached
+    copy must still be a complete plain checkpoint (transformers saves weights from rank 0 only, and ZeRO-3
+    would partition a model built from its config)."""
+    import transformers.distributed.mixin as mixin
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from lib.models import loading
+
+    monkeypatch.setenv("SIDEKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    ds_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_batch_size": 8,
+                                   "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1})
+    assert ds_config.is_zero3()
+    path = loading.resolve_model_path("builtin:tiny-qwen3-moe")
+    assert path.startswith(str(tmp_path))
+    del ds_config
+    monkeypatch.undo()
+    model = load_model(path)
+    reference = load_model("builtin:tiny-qwen3-moe")
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

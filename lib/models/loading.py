@@ -116,11 +116,25 @@ def _materialise(key: str, build) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
-            build(tmp)
+            # The first process to need a builtin model builds it, whatever its rank and whatever DeepSpeed
+            # config is active: the cached copy is a plain full checkpoint.
+            with zero3_init_disabled():
+                build(tmp)
+            missing = [f for f in ("config.json", "model.safetensors") if not (tmp / f).exists()]
+            if missing:
+                raise RuntimeError(f"building builtin model {key} left out {missing}")
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _save_everywhere(model, tokenizer, out: Path) -> None:
+    """save_pretrained on any rank: under torch.distributed transformers writes weights from rank 0 only, but a
+    builtin model is built by whichever process takes the cache lock first."""
+    model.should_save_on_this_rank = lambda is_main_process: True
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _smollm2_dir() -> Path:
@@ -157,8 +171,7 @@ def _build_smollm2(out: Path) -> None:
     model.tie_weights()
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_everywhere(model, tokenizer, out)
 
 
 def tiny_tokenizer():
@@ -202,8 +215,7 @@ def _build_tiny(arch: str, out: Path) -> None:
         # OLMoE initialises its routers to zero, which makes every routing decision a tie.
         for layer in model.model.layers:
             torch.nn.init.normal_(layer.mlp.gate.weight, std=config.initializer_range)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_everywhere(model, tokenizer, out)
 
 
 @contextlib.contextmanager
