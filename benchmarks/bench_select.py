@@ -16,8 +16,13 @@ and max_abs_diff (largest |difference| of quality_score between the two).
 
 import argparse
 import json
+import os
 import random
+import sys
 import time
+
+# Run from anywhere: the scripts and lib/ of this checkout come first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_pool(n_rows: int, seed: int) -> list[str]:

@@ -535,13 +535,7 @@ def run_selection(args: SelectArguments) -> dict[str, Any]:
     from lib.data import DataError, load_rows
     from lib.files import write_json, write_table
     from lib.models.loading import load_model, load_tokenizer, resolve_model_path
-    from lib.models.moe import (
-        ROUTER_CONFIG_NAME,
-        ExpertSplit,
-        find_moe_routers,
-        keep_routers_fp32,
-        load_router_config,
-    )
+    from lib.models.moe import ExpertSplit, find_moe_routers, find_router_config, keep_routers_fp32, load_router_config
     from lib.scoring import BatchScorer
 
     dist = Dist()
@@ -564,8 +558,8 @@ def run_selection(args: SelectArguments) -> dict[str, Any]:
 
         # ---- model ---------------------------------------------------------------------------------
         path = resolve_model_path(args.router_model)
-        want_router = args.score in ROUTER_SCORES or os.path.exists(os.path.join(path, ROUTER_CONFIG_NAME))
-        router_cfg = load_router_config(path) if want_router else {}
+        want_router = args.score in ROUTER_SCORES or find_router_config(path, args.model_revision) is not None
+        router_cfg = load_router_config(path, args.model_revision) if want_router else {}
         device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
         attn = args.attn_implementation or "sdpa"

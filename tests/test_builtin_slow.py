@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import select_data
 import train_router
 from lib.models.loading import load_model, load_tokenizer, resolve_model_path, upcycle_to_moe
 
@@ -53,3 +54,12 @@ def test_train_router_on_upcycled_builtin(tmp_path, pool_files):
         names = sorted(f.keys())
         assert names == sorted(f"model.layers.{i}.mlp.gate.weight" for i in range(30))
         assert all(f.get_tensor(n).abs().sum() > 0 for n in names)
+
+    # Stage 2 loads that checkpoint and scores a labelled file with it.
+    sel = str(tmp_path / "sel")
+    summary = select_data.main(["--router_model", out, "--data_file", pool_files["val"], "--output_dir", sel,
+                                "--select_top_k", "8", "--disable_tqdm"])
+    assert summary["counts"]["scored"] == summary["counts"]["rows"] == 32
+    assert summary["model"]["expert_split"] == {"num_experts": 4, "top_k": 2, "method": "index"}
+    rows = [json.loads(line) for line in open(os.path.join(sel, "scored.jsonl"))]
+    assert all(len(r["quality_score_layers"]) == 30 and 0 < r["quality_score"] < 1 for r in rows)

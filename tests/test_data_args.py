@@ -1,4 +1,5 @@
 import json
+import os
 import random
 
 import pytest
@@ -15,7 +16,7 @@ from lib.data import (
     synthetic_negatives,
 )
 from lib.errors import UserError
-from tests.conftest import write_jsonl
+from tests.conftest import ROOT, write_jsonl
 
 
 def test_load_rows_formats_and_errors(tmp_path):
@@ -117,3 +118,16 @@ def test_argument_validation_is_one_sentence():
         ModelArguments(model_name_or_path="x", upcycle_experts=4, upcycle_top_k=5)
     with pytest.raises(UserError, match="unknown corruption"):
         DataArguments(train_file="x", synthetic_kinds="shuffle,blur")
+
+
+@pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "recipes"))))
+def test_shipped_recipes_parse(recipe):
+    """Every shipped recipe is complete and spelled right for the script it is named after."""
+    from lib.selection import SelectArguments
+    from lib.trainers.router import RouterTrainingArguments
+
+    script = {"train_router": (ModelArguments, DataArguments, RouterTrainingArguments),
+              "select_data": (SelectArguments,)}
+    kind = next(k for k in script if recipe.startswith(k))
+    parsed = parse_args(script[kind], [os.path.join(ROOT, "recipes", recipe)])
+    assert all(p is not None for p in parsed)

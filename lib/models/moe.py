@@ -284,19 +284,29 @@ def save_router_config(output_dir: str, split: ExpertSplit, routers: list[Router
         **split.to_dict(),
         **extra,
     }
-    os.makedirs(output_dir, exist_ok=True)
+    from lib.files import write_json
+
     path = os.path.join(output_dir, ROUTER_CONFIG_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, payload)
     return path
 
 
-def load_router_config(checkpoint_dir: str) -> dict:
-    path = os.path.join(checkpoint_dir, ROUTER_CONFIG_NAME)
-    if not os.path.exists(path):
+def find_router_config(checkpoint: str, revision: str | None = None) -> str | None:
+    """Local path of a checkpoint's ``router_config.json`` (a folder, or a hub repo it is downloaded from)."""
+    if os.path.isdir(checkpoint):
+        path = os.path.join(checkpoint, ROUTER_CONFIG_NAME)
+        return path if os.path.exists(path) else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(checkpoint, ROUTER_CONFIG_NAME, revision=revision)
+    except Exception:  # noqa: BLE001 - not a hub repo, no such file, or offline: all mean "none found"
+        return None
+
+
+def load_router_config(checkpoint_dir: str, revision: str | None = None) -> dict:
+    path = find_router_config(checkpoint_dir, revision)
+    if path is None:
         raise UserError(
             f"{checkpoint_dir} has no {ROUTER_CONFIG_NAME}; point to a checkpoint written by train_router.py."
         )

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
 from lib.errors import UserError
+from lib.files import atomic_path
 
 # The trained components of a checkpoint, under their in-memory parameter names.
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
@@ -88,9 +89,8 @@ class FrozenBackboneTrainer(Trainer):
             state_dict = model.state_dict()
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         tensors = {n: state_dict[n].detach().cpu().contiguous() for n in names if n in state_dict}
-        path = os.path.join(output_dir, TRAINABLE_WEIGHTS_NAME)
-        save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-        os.replace(path + ".tmp", path)
+        with atomic_path(os.path.join(output_dir, TRAINABLE_WEIGHTS_NAME)) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS_NAME)

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from lib.errors import UserError
+from lib.files import atomic_path
 from lib.losses import causal_lm_loss, load_balancing_loss, routing_entropy, routing_loss
 from lib.models.moe import (
     ROUTER_CONFIG_NAME,
@@ -251,11 +252,8 @@ class RouterTrainer(FrozenBackboneTrainer):
         ]
         if last_eval:
             lines.append(f"- held-out AUROC of the garbage mass: {last_eval['eval_router/auroc']:.4f}")
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, "README.md")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_path(os.path.join(output_dir, "README.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
-        os.replace(path + ".tmp", path)
 
 
 def router_metrics(eval_pred) -> dict[str, float]:
