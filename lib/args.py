@@ -19,14 +19,13 @@ CHOICES_EXPERTS = ["eager", "grouped_mm", "batched_mm"]
 
 
 @dataclass
-class ModelArguments:
+class ModelLoadArguments:
+    """How to load the model; scripts whose training arguments already carry trust_remote_code (TRL) use this."""
+
     model_name_or_path: str = field(
         metadata={"help": "Hub id, local path, or builtin name (builtin:smollm2-135m-instruct, builtin:tiny-<arch>)."}
     )
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow custom modelling code from the hub. Off by default for safety."}
-    )
     dtype: str = field(
         default="auto",
         metadata={"help": "Weights dtype; auto = float32 on CPU, the checkpoint's dtype on GPU.", "choices": CHOICES_DTYPE},
@@ -58,6 +57,13 @@ class ModelArguments:
             )
         if self.upcycle_noise < 0:
             raise UserError(f"--upcycle_noise must be >= 0, got {self.upcycle_noise}.")
+
+
+@dataclass
+class ModelArguments(ModelLoadArguments):
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the hub. Off by default for safety."}
+    )
 
 
 @dataclass
@@ -151,3 +157,63 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None):
                 action.required = False
         parser.set_defaults(**recipe)
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
+@dataclass
+class SFTDataArguments:
+    train_file: str = field(
+        metadata={"help": "Training rows (e.g. select_data.py's selected.jsonl): .jsonl/.json/.parquet/.csv or a "
+                          "`datasets` hub name."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out rows in the same format."})
+    validation_split_percentage: float = field(
+        default=0.0, metadata={"help": "Hold out this percentage of the training rows when no validation_file."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of a hub dataset."})
+    text_field: str = field(default="text", metadata={"help": "Column of plain-text rows (loss on every token)."})
+    messages_field: str | None = field(
+        default=None, metadata={"help": "Column of chat rows, rendered with the chat template; loss on assistant turns."}
+    )
+    prompt_field: str | None = field(
+        default=None, metadata={"help": "Column of prompts for prompt/completion rows (loss on the completion)."}
+    )
+    completion_field: str = field(default="completion", metadata={"help": "Column of completions (with --prompt_field)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+
+    def __post_init__(self):
+        if not 0 <= self.validation_split_percentage < 100:
+            raise UserError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
+        if self.messages_field and self.prompt_field:
+            raise UserError("Pass --messages_field (chat rows) or --prompt_field (prompt/completion rows), not both.")
+
+
+@dataclass
+class LoraArguments:
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of every weight."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "Modules that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)."},
+    )
+    merge_adapter: bool = field(
+        default=False, metadata={"help": "Also save the base model with the adapter merged in, under output_dir/merged."}
+    )
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise UserError(f"--lora_r must be at least 1, got {self.lora_r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.merge_adapter and not self.use_peft:
+            raise UserError("--merge_adapter needs --use_peft (a full fine-tune has no adapter to merge).")
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        targets = self.lora_target_modules.strip()
+        modules = targets if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=modules, task_type="CAUSAL_LM", bias="none")

@@ -6,6 +6,7 @@ can fix is reported as one sentence naming the file, the row and the field.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Any, Callable
 import torch
 
 from lib.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -358,3 +361,114 @@ def prepare_router_datasets(data_args, tokenizer, *, seed: int, main_process_fir
         eval_ds = tokenize_labelled(eval_rows, tokenizer, data_args.max_seq_length)
         summary.update(eval_rows=len(eval_rows.texts), eval_garbage=eval_rows.quality.count(0))
     return train_ds, eval_ds, summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Supervised fine-tuning rows: token ids plus which tokens the loss sees
+# --------------------------------------------------------------------------------------------------
+
+def _char_spans_to_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    return [int(any(a <= start < b for a, b in spans)) if end > start else 0 for start, end in offsets]
+
+
+def chat_assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (end-of-turn marker included).
+
+    Works with any chat template that renders a conversation's prefixes as prefixes of the whole (true of
+    ChatML, Llama, Qwen, Mistral templates); it needs no ``{% generation %}`` markers in the template.
+    """
+    full = render_messages(tokenizer, messages)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
+        through = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
+            raise DataError(
+                "This tokenizer's chat template does not render a conversation's prefixes as prefixes of the whole, "
+                "so assistant turns cannot be located; use prompt/completion rows instead."
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def sft_example(row: dict, tokenizer, *, text_field: str, messages_field: str | None, prompt_field: str | None,
+                completion_field: str | None, max_length: int, source: str, index: int) -> dict[str, list[int]]:
+    """``input_ids`` and ``assistant_masks`` (1 where the loss applies) for one row of any supported shape.
+
+    Chat rows: loss on assistant turns only. Prompt/completion rows: loss on the completion only. Text rows: loss
+    everywhere. Text and completions end with the EOS token so the model learns to stop.
+    """
+    eos = tokenizer.eos_token or ""
+    if messages_field:
+        messages = check_messages(row.get(messages_field), source, index, messages_field)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{source} row {index}: field '{messages_field}' has no assistant turn to learn from.")
+        text, spans = chat_assistant_spans(tokenizer, messages)
+    elif prompt_field:
+        prompt, completion = row.get(prompt_field), row.get(completion_field)
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
+            raise DataError(f"{source} row {index}: fields '{prompt_field}' and '{completion_field}' must be strings "
+                            "and the completion must not be empty.")
+        text = prompt + completion + eos
+        spans = [(len(prompt), len(text))]
+    else:
+        text = row.get(text_field)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{source} row {index}: field '{text_field}' is empty or not text.")
+        text = text + eos
+        spans = [(0, len(text))]
+    enc = tokenizer(text, add_special_tokens=not messages_field, return_offsets_mapping=True, truncation=True,
+                    max_length=max_length)
+    # Special tokens the tokenizer adds (empty offsets) are never targets.
+    mask = _char_spans_to_token_mask(enc["offset_mapping"], spans)
+    return {"input_ids": enc["input_ids"], "assistant_masks": mask}
+
+
+def prepare_sft_datasets(data_args, tokenizer, *, max_length: int, seed: int, main_process_first=None):
+    """Tokenised train (and optional eval) datasets for train_target.py: ``input_ids`` and ``assistant_masks``."""
+    import contextlib
+
+    guard = main_process_first or (lambda **_: contextlib.nullcontext())
+    with guard(desc="loading data"):
+        train = load_rows(data_args.train_file, config_name=data_args.dataset_config_name)
+        evals = (load_rows(data_args.validation_file, split="validation", config_name=data_args.dataset_config_name)
+                 if data_args.validation_file else None)
+    if data_args.max_train_samples:
+        train = train.select(range(min(len(train), data_args.max_train_samples)))
+    if evals is None and data_args.validation_split_percentage > 0:
+        if len(train) < 2:
+            raise DataError(f"{data_args.train_file} has too few rows to hold out a validation split.")
+        n_eval = min(len(train) - 1, max(1, round(len(train) * data_args.validation_split_percentage / 100)))
+        split = train.train_test_split(test_size=n_eval, seed=seed)
+        train, evals = split["train"], split["test"]
+    if evals is not None and data_args.max_eval_samples:
+        evals = evals.select(range(min(len(evals), data_args.max_eval_samples)))
+
+    def tokenize(ds, source: str):
+        fields = [f for f in (data_args.messages_field, data_args.prompt_field,
+                              data_args.completion_field if data_args.prompt_field else None) if f]
+        fields = fields or [data_args.text_field]
+        missing = [f for f in fields if f not in ds.column_names]
+        if missing:
+            raise DataError(f"{source} has no field '{missing[0]}' (fields: {', '.join(ds.column_names)}); set "
+                            "--text_field, --messages_field or --prompt_field/--completion_field.")
+        kwargs = dict(text_field=data_args.text_field, messages_field=data_args.messages_field,
+                      prompt_field=data_args.prompt_field, completion_field=data_args.completion_field,
+                      max_length=max_length, source=source)
+        out = ds.map(lambda row, i: sft_example(row, tokenizer, index=i, **kwargs), with_indices=True,
+                     remove_columns=ds.column_names, desc=f"tokenising {os.path.basename(source)}")
+        # A row whose learnable part lies wholly beyond max_length teaches nothing; say so instead of training on it.
+        kept = out.filter(lambda row: 1 in row["assistant_masks"])
+        if len(kept) < len(out):
+            logger.warning("%s: %d of %d rows have no trainable tokens within max_length=%d and are left out",
+                           source, len(out) - len(kept), len(out), max_length)
+        if len(kept) == 0:
+            raise DataError(f"{source}: no row has trainable tokens within max_length={max_length}; raise --max_length.")
+        return kept
+
+    with guard(desc="tokenising"):
+        train_ds = tokenize(train, data_args.train_file)
+        eval_ds = tokenize(evals, data_args.validation_file or data_args.train_file) if evals is not None else None
+    return train_ds, eval_ds

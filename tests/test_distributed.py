@@ -22,19 +22,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher, out_dir, train_file, *extra, model="builtin:tiny-mixtral", script="train_router.py"):
+def run_launcher(launcher, script, args):
+    """``torchrun`` (DDP) or ``deepspeed`` with 2 CPU processes, from the repository root."""
     port = str(free_port())
     if launcher == "torchrun":
         cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", port, script]
     else:
         cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", port, script]
-    cmd += ["--model_name_or_path", model, "--train_file", train_file, "--output_dir", str(out_dir),
-            "--synthetic_negatives", "--max_steps", "4", "--per_device_train_batch_size", "4",
-            "--max_seq_length", "48", "--learning_rate", "5e-3", "--logging_steps", "1", "--report_to", "none",
-            "--save_strategy", "no", "--seed", "3", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
            "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def launch(launcher, out_dir, train_file, *extra, model="builtin:tiny-mixtral", script="train_router.py"):
+    return run_launcher(launcher, script, [
+        "--model_name_or_path", model, "--train_file", train_file, "--output_dir", str(out_dir),
+        "--synthetic_negatives", "--max_steps", "4", "--per_device_train_batch_size", "4",
+        "--max_seq_length", "48", "--learning_rate", "5e-3", "--logging_steps", "1", "--report_to", "none",
+        "--save_strategy", "no", "--seed", "3", *extra])
 
 
 def check_only_routers_changed(out_dir, model):
@@ -80,3 +85,32 @@ def test_zero3_fails_without_the_input_grad_fix(tmp_path, pool_files):
                   script="tests/zero3_without_fix.py")
     assert proc.returncode != 0
     assert "The size of tensor a (0) must match the size of tensor b" in proc.stderr + proc.stdout
+
+
+# ---- train_target.py: LoRA under DDP, ZeRO-2 and ZeRO-3 ------------------------------------------------------
+
+def launch_target(launcher, out_dir, train_file, *extra):
+    return run_launcher(launcher, "train_target.py", [
+        "--model_name_or_path", "builtin:tiny-llama", "--train_file", train_file, "--text_field", "text",
+        "--output_dir", str(out_dir), "--use_peft", "--lora_r", "4", "--lora_dropout", "0", "--max_steps", "3",
+        "--per_device_train_batch_size", "2", "--max_length", "64", "--learning_rate", "5e-3", "--logging_steps", "1",
+        "--report_to", "none", "--save_strategy", "no", "--seed", "3", "--gradient_checkpointing", "false", *extra])
+
+
+@pytest.fixture(scope="module")
+def ddp_adapter(tmp_path_factory, pool_files):
+    out = tmp_path_factory.mktemp("ddp_lora")
+    proc = launch_target("torchrun", out, pool_files["train"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return load_file(os.path.join(out, "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_lora_target_deepspeed_matches_ddp(stage, tmp_path, pool_files, ddp_adapter):
+    proc = launch_target("deepspeed", tmp_path, pool_files["train"], "--deepspeed", f"ds_configs/{stage}.json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    adapter = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    assert adapter.keys() == ddp_adapter.keys()
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    for name, weight in ddp_adapter.items():
+        assert torch.allclose(adapter[name], weight, atol=1e-5), (stage, name, (adapter[name] - weight).abs().max())

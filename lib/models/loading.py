@@ -458,3 +458,34 @@ def load_model_and_tokenizer(model_args) -> tuple[Any, Any]:
         _init_deepspeed_comm_for_zero3()
         model = load_model(model_args.model_name_or_path, **load_kwargs)
     return model, tokenizer
+
+
+def load_with_adapter(model_args, adapter_dir: str | None):
+    """The base model ``model_args`` describe, with a PEFT adapter merged in when one is given (full weights)."""
+    with zero3_init_disabled():
+        model, tokenizer = load_model_and_tokenizer(model_args)
+    if not adapter_dir:
+        return model, tokenizer
+    if not os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
+        raise UserError(f"{adapter_dir} has no adapter_config.json; point --adapter to the output_dir of "
+                        "train_target.py --use_peft.")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return model, tokenizer
+
+
+def merge_adapter(model_args, adapter_dir: str, out_dir: str) -> str:
+    """Save the base model with the adapter merged in as an ordinary transformers checkpoint (atomically)."""
+    model, tokenizer = load_with_adapter(model_args, adapter_dir)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=parent))
+    try:
+        _save_everywhere(model, tokenizer, tmp)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.abspath(out_dir)

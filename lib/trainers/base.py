@@ -16,17 +16,25 @@ from lib.files import atomic_path
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 
 
+def adapt_to_cpu_only_machines(args: TrainingArguments) -> None:
+    """Settings that make any TrainingArguments work on CPU-only machines under torchrun and DeepSpeed.
+
+    Call at the start of ``__post_init__``, before TrainingArguments sets up the distributed state.
+    """
+    if not torch.cuda.is_available():
+        # Pinned memory only helps host-to-GPU copies; on CPU it just warns.
+        args.dataloader_pin_memory = False
+        if args.deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Without use_cpu, a CPU-only launch is not recognised as distributed: every process would
+            # silently train alone (torchrun) or DeepSpeed would count the wrong number of processes.
+            args.use_cpu = True
+
+
 class FrozenBackboneTrainingArguments(TrainingArguments):
     """TrainingArguments that also work on CPU-only machines under torchrun and DeepSpeed."""
 
     def __post_init__(self):
-        if not torch.cuda.is_available():
-            # Pinned memory only helps host-to-GPU copies; on CPU it just warns.
-            self.dataloader_pin_memory = False
-            if self.deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                # Without use_cpu, a CPU-only launch is not recognised as distributed: every process would
-                # silently train alone (torchrun) or DeepSpeed would count the wrong number of processes.
-                self.use_cpu = True
+        adapt_to_cpu_only_machines(self)
         super().__post_init__()
 
 
