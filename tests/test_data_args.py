@@ -123,11 +123,14 @@ def test_argument_validation_is_one_sentence():
 @pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "recipes"))))
 def test_shipped_recipes_parse(recipe):
     """Every shipped recipe is complete and spelled right for the script it is named after."""
+    from lib.args import LoraArguments, ModelLoadArguments, SFTDataArguments
     from lib.selection import SelectArguments
     from lib.trainers.router import RouterTrainingArguments
+    from lib.trainers.target import TargetTrainingArguments
 
     script = {"train_router": (ModelArguments, DataArguments, RouterTrainingArguments),
-              "select_data": (SelectArguments,)}
+              "select_data": (SelectArguments,),
+              "train_target": (ModelLoadArguments, SFTDataArguments, LoraArguments, TargetTrainingArguments)}
     kind = next(k for k in script if recipe.startswith(k))
     parsed = parse_args(script[kind], [os.path.join(ROOT, "recipes", recipe)])
     assert all(p is not None for p in parsed)
