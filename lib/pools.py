@@ -59,15 +59,17 @@ def benchmark_texts() -> list[str]:
     return out
 
 
-def _labelled(good: list[str], partners: list[str], rng: random.Random, source: str) -> list[dict]:
-    """Each good row plus one corrupted copy of it, the corruption kinds cycling in a seeded order."""
-    kinds = list(CORRUPTIONS)
+def _labelled(good: list, rng: random.Random, split: str, chat: bool = False) -> list[dict]:
+    """Each good row (a text, or a conversation when ``chat``) plus one corrupted copy of it, the corruption kinds
+    cycling in a seeded order and the partner of a mismatch drawn from the same rows."""
+    kinds, field = list(CORRUPTIONS), "messages" if chat else "text"
+    corrupt = corrupt_messages if chat else corrupt_text
     rows = []
-    for i, text in enumerate(good):
-        rows.append({"text": text, "label": 1, "source": source, "corruption": None})
+    for i, item in enumerate(good):
+        rows.append({field: item, "label": 1, "split": split, "corruption": None})
         kind = kinds[i % len(kinds)]
-        bad = corrupt_text(text, partners[rng.randrange(len(partners))], kind, rng)
-        rows.append({"text": bad, "label": 0, "source": source, "corruption": kind})
+        bad = corrupt(item, good[rng.randrange(len(good))], kind, rng)
+        rows.append({field: bad, "label": 0, "split": split, "corruption": kind})
     rng.shuffle(rows)
     return rows
 
@@ -82,8 +84,8 @@ def build_pool(train_rows: int, heldout_rows: int, seed: int = 0) -> tuple[list[
     if n_train + n_held > len(texts):
         raise ValueError(f"only {len(texts)} source texts; ask for at most {2 * len(texts)} rows in total.")
     train_good, held_good = texts[:n_train], texts[n_train:n_train + n_held]
-    train = _labelled(train_good, train_good, random.Random(seed + 1), "train")
-    held = _labelled(held_good, held_good, random.Random(seed + 2), "heldout")
+    train = _labelled(train_good, random.Random(seed + 1), "train")
+    held = _labelled(held_good, random.Random(seed + 2), "heldout")
     return train, held
 
 
@@ -123,18 +125,6 @@ def instruction_conversations() -> list[list[dict]]:
     return out
 
 
-def _labelled_chats(good: list[list[dict]], rng: random.Random, split: str) -> list[dict]:
-    kinds = list(CORRUPTIONS)
-    rows = []
-    for i, messages in enumerate(good):
-        rows.append({"messages": messages, "label": 1, "split": split, "corruption": None})
-        kind = kinds[i % len(kinds)]
-        bad = corrupt_messages(messages, good[rng.randrange(len(good))], kind, rng)
-        rows.append({"messages": bad, "label": 0, "split": split, "corruption": kind})
-    rng.shuffle(rows)
-    return rows
-
-
 def build_instruction_pools(router_rows: int, heldout_rows: int, candidate_rows: int, target_heldout_rows: int,
                             seed: int = 0) -> dict[str, list[dict]]:
     """Disjoint chat-row files for the whole pipeline, each half clean conversations and half corrupted copies.
@@ -154,9 +144,9 @@ def build_instruction_pools(router_rows: int, heldout_rows: int, candidate_rows:
         parts.append(convs[start:start + n])
         start += n
     return {
-        "router": _labelled_chats(parts[0], random.Random(seed + 1), "router"),
-        "heldout": _labelled_chats(parts[1], random.Random(seed + 2), "heldout"),
-        "candidates": _labelled_chats(parts[2], random.Random(seed + 3), "candidates"),
+        "router": _labelled(parts[0], random.Random(seed + 1), "router", chat=True),
+        "heldout": _labelled(parts[1], random.Random(seed + 2), "heldout", chat=True),
+        "candidates": _labelled(parts[2], random.Random(seed + 3), "candidates", chat=True),
         "target_heldout": [{"messages": m, "label": 1, "split": "target_heldout", "corruption": None}
                            for m in parts[3]],
     }

@@ -134,3 +134,24 @@ def test_shipped_recipes_parse(recipe):
     kind = next(k for k in script if recipe.startswith(k))
     parsed = parse_args(script[kind], [os.path.join(ROOT, "recipes", recipe)])
     assert all(p is not None for p in parsed)
+
+
+def test_instruction_pools_are_disjoint_real_conversations():
+    from lib.pools import build_instruction_pools
+
+    pools = build_instruction_pools(40, 20, 40, 10, seed=0)
+    assert [len(pools[k]) for k in ("router", "heldout", "candidates", "target_heldout")] == [40, 20, 40, 10]
+    questions = {}
+    for name, rows in pools.items():
+        assert sum(r["label"] == 0 for r in rows) == (0 if name == "target_heldout" else len(rows) // 2)
+        for r in rows:
+            assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        questions[name] = {r["messages"][0]["content"] for r in rows}
+    names = list(questions)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not questions[a] & questions[b], (a, b)
+    # Garbage rows are corrupted answers to real questions; their clean originals sit in the same file.
+    bad = [r for r in pools["candidates"] if r["label"] == 0]
+    good = {r["messages"][1]["content"] for r in pools["candidates"] if r["label"] == 1}
+    assert all(r["messages"][1]["content"] not in good for r in bad if r["corruption"] != "mismatch")
