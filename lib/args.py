@@ -217,3 +217,11 @@ class LoraArguments:
         modules = targets if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=modules, task_type="CAUSAL_LM", bias="none")
+
+
+@dataclass
+class EncoderDataArguments:
+    tools_file: str = field(metadata={"help": "JSON list of {name, description, resources: {...numbers}}."})
+    train_file: str = field(metadata={"help": "Rows of {query, tool, kind?}; kind 'resource' marks queries that only "
+                                              "resource facts settle."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out queries, same format."})

@@ -472,3 +472,28 @@ def prepare_sft_datasets(data_args, tokenizer, *, max_length: int, seed: int, ma
         train_ds = tokenize(train, data_args.train_file)
         eval_ds = tokenize(evals, data_args.validation_file or data_args.train_file) if evals is not None else None
     return train_ds, eval_ds
+
+
+def load_tool_queries(source: str, tool_names: list[str], *, query_field: str = "query", tool_field: str = "tool",
+                      kind_field: str = "kind") -> tuple[list[str], list[int], list[int]]:
+    """``(queries, tool indices, resource flags)`` from rows of ``{"query", "tool", "kind"?}``.
+
+    ``kind`` "resource" marks a query that only resource facts can settle ("the fastest ...", "fits in 4 GB");
+    anything else, or no kind, is a semantic query.
+    """
+    ds = load_rows(source)
+    for name in (query_field, tool_field):
+        if name not in ds.column_names:
+            raise DataError(f"{source} has no field '{name}' (fields: {', '.join(ds.column_names)}).")
+    index = {name: i for i, name in enumerate(tool_names)}
+    kinds = ds[kind_field] if kind_field in ds.column_names else [None] * len(ds)
+    queries, tools, resource = [], [], []
+    for row, (query, tool, kind) in enumerate(zip(ds[query_field], ds[tool_field], kinds, strict=True)):
+        if not isinstance(query, str) or not query.strip():
+            raise DataError(f"{source} row {row}: field '{query_field}' is empty.")
+        if tool not in index:
+            raise DataError(f"{source} row {row}: tool '{tool}' is not in the tools file; fix the name or add the tool.")
+        queries.append(query.strip())
+        tools.append(index[tool])
+        resource.append(int(kind == "resource"))
+    return queries, tools, resource

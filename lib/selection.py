@@ -433,40 +433,49 @@ def shard_path(shard_dir: str, shard: int) -> str:
     return os.path.join(shard_dir, f"scores-{shard:06d}.parquet")
 
 
-def prepare_output_dir(args: SelectArguments, manifest: dict) -> None:
-    """Refuse to clobber earlier results, and refuse to resume shards made with other settings."""
+def check_output_dir(args: SelectArguments, manifest: dict) -> bool:
+    """Refuse to clobber earlier results or to resume shards made with other settings; True if results exist.
+
+    Only reads, so every process can run it and fail with the same sentence.
+    """
+    manifest_path = os.path.join(args.output_dir, "shards", "manifest.json")
+    existing = os.path.exists(manifest_path) or any(
+        os.path.exists(os.path.join(args.output_dir, f"{n}.{fmt}"))
+        for n in ("scored", "selected") for fmt in ("jsonl", "parquet"))
+    if not existing or args.overwrite_output_dir:
+        return existing
+    if not args.resume:
+        raise UserError(
+            f"{args.output_dir} already holds select_data.py results; pass --resume to continue that run or "
+            "--overwrite_output_dir to replace it."
+        )
+    if os.path.exists(manifest_path):
+        with open(manifest_path, encoding="utf-8") as f:
+            old = json.load(f)
+        changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if changed:
+            raise UserError(
+                f"Cannot resume in {args.output_dir}: its shards were scored with different {', '.join(changed)}; "
+                "rerun with the original settings, or pass --overwrite_output_dir to start over."
+            )
+    return existing
+
+
+def prepare_output_dir(args: SelectArguments, manifest: dict, existing: bool) -> None:
+    """Clear earlier results when asked to overwrite them, and record the settings of this run's shards."""
     import shutil
 
     from lib.files import write_json
 
     shard_dir = os.path.join(args.output_dir, "shards")
-    manifest_path = os.path.join(shard_dir, "manifest.json")
-    existing = os.path.exists(manifest_path) or any(
-        os.path.exists(os.path.join(args.output_dir, f"{n}.{fmt}"))
-        for n in ("scored", "selected") for fmt in ("jsonl", "parquet"))
     if existing and args.overwrite_output_dir:
         for name in os.listdir(args.output_dir):
             if name == "shards":
                 shutil.rmtree(shard_dir)
             elif name.split(".")[0] in ("scored", "selected", "summary", "scores"):
                 os.remove(os.path.join(args.output_dir, name))
-    elif existing and args.resume:
-        if os.path.exists(manifest_path):
-            with open(manifest_path, encoding="utf-8") as f:
-                old = json.load(f)
-            changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            if changed:
-                raise UserError(
-                    f"Cannot resume in {args.output_dir}: its shards were scored with different {', '.join(changed)}; "
-                    "rerun with the original settings, or pass --overwrite_output_dir to start over."
-                )
-    elif existing:
-        raise UserError(
-            f"{args.output_dir} already holds select_data.py results; pass --resume to continue that run or "
-            "--overwrite_output_dir to replace it."
-        )
     os.makedirs(shard_dir, exist_ok=True)
-    write_json(manifest_path, manifest)
+    write_json(os.path.join(shard_dir, "manifest.json"), manifest)
 
 
 def write_shard(path: str, start: int, rows: list[dict[str, Any]]) -> None:
@@ -596,8 +605,10 @@ def run_selection(args: SelectArguments) -> dict[str, Any]:
             "max_seq_length": max_len, "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
             "field": column, "dtype": dtype, "device_type": device.type,
         }
+        existing = check_output_dir(args, manifest)
+        dist.barrier()  # every rank has checked before rank 0 changes anything
         if dist.main:
-            prepare_output_dir(args, manifest)
+            prepare_output_dir(args, manifest, existing)
         dist.barrier()
         pending = [s for s in range(n_shards) if not os.path.exists(shard_path(shard_dir, s))]
         dist.barrier()  # every rank has listed the finished shards before anyone writes a new one

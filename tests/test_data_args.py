@@ -120,17 +120,19 @@ def test_argument_validation_is_one_sentence():
         DataArguments(train_file="x", synthetic_kinds="shuffle,blur")
 
 
-@pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "recipes"))))
+@pytest.mark.parametrize("recipe", sorted(f for f in os.listdir(os.path.join(ROOT, "recipes")) if f.endswith(".yaml")))
 def test_shipped_recipes_parse(recipe):
     """Every shipped recipe is complete and spelled right for the script it is named after."""
-    from lib.args import LoraArguments, ModelLoadArguments, SFTDataArguments
+    from lib.args import EncoderDataArguments, LoraArguments, ModelLoadArguments, SFTDataArguments
     from lib.selection import SelectArguments
+    from lib.trainers.encoder import EncoderTrainingArguments
     from lib.trainers.router import RouterTrainingArguments
     from lib.trainers.target import TargetTrainingArguments
 
     script = {"train_router": (ModelArguments, DataArguments, RouterTrainingArguments),
               "select_data": (SelectArguments,),
-              "train_target": (ModelLoadArguments, SFTDataArguments, LoraArguments, TargetTrainingArguments)}
+              "train_target": (ModelLoadArguments, SFTDataArguments, LoraArguments, TargetTrainingArguments),
+              "pretrain_encoder": (ModelArguments, EncoderDataArguments, EncoderTrainingArguments)}
     kind = next(k for k in script if recipe.startswith(k))
     parsed = parse_args(script[kind], [os.path.join(ROOT, "recipes", recipe)])
     assert all(p is not None for p in parsed)

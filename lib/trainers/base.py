@@ -109,10 +109,14 @@ class FrozenBackboneTrainer(Trainer):
         tensors = load_file(path)
         missing = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
         unexpected = sorted(n for n in tensors if n not in params)
-        if missing or unexpected:
+        reshaped = sorted(f"{n} {tuple(t.shape)} vs {tuple(params[n].shape)}" for n, t in tensors.items()
+                          if n in params and tuple(t.shape) != tuple(getattr(params[n], "ds_shape", params[n].shape)))
+        if missing or unexpected or reshaped:
+            problems = [f"{label} {names[:3]}" for label, names in
+                        (("missing", missing), ("unexpected", unexpected), ("different shapes", reshaped)) if names]
             raise UserError(
-                f"{resume_from_checkpoint} does not match this model (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}); resume with the model and settings that wrote it."
+                f"{resume_from_checkpoint} does not match this model ({'; '.join(problems)}); resume with the model "
+                "and settings that wrote it."
             )
         with torch.no_grad():
             for name, tensor in tensors.items():

@@ -1,0 +1,203 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pretrain_encoder
+from lib.errors import UserError
+from lib.losses import residual_logits, tool_encoder_loss, tool_logits
+from lib.models.encoder import ToolEncoder, load_tools, resource_matrix
+from tests.conftest import ROOT, write_jsonl
+
+TOOLS = [
+    {"name": "fast-asr", "description": "Speech recognition on small devices.",
+     "resources": {"latency_ms": 50, "memory_gb": 0.2}},
+    {"name": "big-asr", "description": "Speech recognition with the best accuracy.",
+     "resources": {"latency_ms": 2000, "memory_gb": 10}},
+    {"name": "ner", "description": "Finds names of people and places in text.", "resources": {"latency_ms": 30}},
+    {"name": "translator", "description": "Translates text between languages.",
+     "resources": {"latency_ms": 300, "memory_gb": 2}},
+]
+
+
+def tools_file(tmp_path, tools=TOOLS, name="tools.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(tools))
+    return str(path)
+
+
+def query_files(tmp_path):
+    train, held = [], []
+    for i in range(12):
+        train.append({"query": f"Transcribe recording {i} as fast as possible.", "tool": "fast-asr", "kind": "resource"})
+        train.append({"query": f"Transcribe recording {i} with top accuracy.", "tool": "big-asr", "kind": "resource"})
+        train.append({"query": f"Find the people named in letter {i}.", "tool": "ner", "kind": "semantic"})
+        train.append({"query": f"Translate note {i} into French.", "tool": "translator"})
+    held = [{"query": "Transcribe this call quickly.", "tool": "fast-asr", "kind": "resource"},
+            {"query": "Transcribe this call very accurately.", "tool": "big-asr", "kind": "resource"},
+            {"query": "Translate this into German.", "tool": "translator", "kind": "semantic"}]
+    return write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "held.jsonl", held)
+
+
+def encoder(d_resource=None, heads=4):
+    torch.manual_seed(0)
+    semantic = torch.randn(4, 64)
+    features, _ = resource_matrix(load_tools_from(TOOLS))
+    return ToolEncoder(semantic, features, d_resource=d_resource, num_attention_heads=heads, dropout=0.0)
+
+
+def load_tools_from(tools):
+    from lib.models.encoder import Tool
+
+    return [Tool(t["name"], t["description"], {k: float(v) for k, v in t["resources"].items()}) for t in tools]
+
+
+def test_tools_file_validation(tmp_path):
+    cases = [
+        ([{"name": "a", "desc": "x"}], "tool 'a' uses the old field 'desc'; rename it to 'description'"),
+        ([{"name": "a"}], "tool 'a' has no 'description'"),
+        ([{"name": "a", "description": "  "}], "tool 'a' has an empty 'description'"),
+        ([{"name": "a", "description": "x"}, {"name": "a", "description": "y"}], "lists the tool 'a' twice"),
+        ([{"name": "a", "description": "x", "resources": {"latency_ms": "fast"}}],
+         "resource 'latency_ms' is 'fast'; resources must be finite numbers"),
+    ]
+    for i, (tools, message) in enumerate(cases):
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_tools(tools_file(tmp_path, tools, f"t{i}.json"))
+    assert [t.name for t in load_tools(tools_file(tmp_path))] == [t["name"] for t in TOOLS]
+
+
+def test_resource_features_are_normalised_with_missing_flags():
+    features, keys = resource_matrix(load_tools_from(TOOLS))
+    assert keys == ["latency_ms", "memory_gb"]
+    assert features.shape == (4, 4)
+    assert features[:, 0].mean().abs() < 1e-6  # z-scored (log scale: latency spans 30..2000)
+    assert features[2, 1] == 0 and features[2, 3] == 0  # ner reports no memory: value 0, flag 0
+    assert features[0, 3] == 1
+
+
+def test_step0_tool_vectors_are_the_semantic_embeddings():
+    enc = encoder()
+    tools, residual = enc()
+    assert torch.equal(tools, enc.semantic) and torch.count_nonzero(residual) == 0
+    assert enc.alpha.item() == 0.0
+    # The trainable parameters are exactly the resource MLP and the fusion, the gate included.
+    names = {n for n, p in enc.named_parameters() if any(p is q for q in enc.get_trainable_parameters())}
+    assert names == {n for n, _ in enc.named_parameters()} and "alpha" in names
+    assert all(n.split(".")[0] in {"resource_in", "tool_term", "resource_out", "attention", "fuse_out", "alpha"}
+               for n in names)
+    assert "semantic" in dict(enc.named_buffers())
+
+
+def test_the_gate_gets_a_gradient_while_closed():
+    enc = encoder()
+    query = torch.randn(6, 64)
+    target = torch.tensor([0, 1, 2, 3, 0, 1])
+    resource_rows = torch.tensor([1, 1, 0, 0, 1, 1])
+    tools, residual = enc()
+    loss, _, _ = tool_encoder_loss(tool_logits(query, tools, enc.center, 0.05),
+                                   residual_logits(query, residual, enc.semantic, enc.center, 0.05),
+                                   target, resource_rows, 1.0)
+    loss.backward()
+    assert enc.alpha.grad is not None and enc.alpha.grad.abs() > 0
+    # With the gate closed the fusion itself gets no gradient yet: tanh(0) = 0 multiplies it.
+    assert enc.fuse_out.weight.grad.abs().sum() == 0
+
+
+def run(tmp_path, *extra, out="enc", epochs="6"):
+    train, held = query_files(tmp_path)
+    out_dir = str(tmp_path / out)
+    summary = pretrain_encoder.main([
+        "--model_name_or_path", "builtin:tiny-llama", "--tools_file", tools_file(tmp_path), "--train_file", train,
+        "--validation_file", held, "--output_dir", out_dir, "--num_train_epochs", epochs,
+        "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--num_attention_heads", "4",
+        "--d_resource", "32", "--report_to", "none", "--seed", "0", *extra])
+    return out_dir, summary
+
+
+def test_training_opens_the_gate_logs_and_caches_embeddings(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIDEKIT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    from lib.models import encoder as encoder_module
+
+    real = encoder_module.embed_texts
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encoder_module, "embed_texts", counting)
+    out, summary = run(tmp_path)
+    assert calls == [4, 51]  # the tools, then train + held-out queries
+    assert summary["alpha"]["first"] == 0.0 and abs(summary["alpha"]["last"]) > 1e-3
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    steps = [h for h in state["log_history"] if "loss" in h and "gate/alpha" in h]
+    assert len(steps) == state["global_step"]  # gate/alpha every step
+    assert all("train/tool_acc" in h and "loss/resource" in h for h in steps)
+    assert {"eval_top1", "eval_top3", "eval_top1_semantic", "eval_top1_resource"} <= set(summary["final"])
+    first_eval = next(h for h in state["log_history"] if "eval_top1" in h)
+    assert first_eval["step"] == 0 and first_eval["eval_gate/alpha"] == 0.0  # step 0: semantics only
+    assert json.load(open(os.path.join(out, "encoder_config.json")))["tools"] == [t["name"] for t in TOOLS]
+    # A rerun finds both tables in the cache and runs no LLM forward pass.
+    calls.clear()
+    run(tmp_path, out="again", epochs="1")
+    assert calls == []
+
+
+def test_resume_equals_uninterrupted_and_mismatched_checkpoints_are_named(tmp_path):
+    full, _ = run(tmp_path, "--save_strategy", "epoch", out="full", epochs="4")
+    ckpts = sorted((d for d in os.listdir(full) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+    resumed, _ = run(tmp_path, "--resume_from_checkpoint", os.path.join(full, ckpts[1]), out="resumed", epochs="4")
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(full, "trainable.safetensors")), load_file(os.path.join(resumed, "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    with pytest.raises(UserError, match=r"does not match this model \(different shapes \['resource_in.bias \(32,\) vs \(16,\)"):
+        run(tmp_path, "--d_resource", "16", "--resume_from_checkpoint", os.path.join(full, ckpts[0]), out="bad")
+
+
+@pytest.mark.distributed
+def test_zero2_two_processes(tmp_path):
+    from tests.test_distributed import run_launcher
+
+    train, held = query_files(tmp_path)
+    proc = run_launcher("deepspeed", "pretrain_encoder.py", [
+        "--model_name_or_path", "builtin:tiny-llama", "--tools_file", tools_file(tmp_path), "--train_file", train,
+        "--validation_file", held, "--output_dir", str(tmp_path / "z2"), "--num_train_epochs", "2",
+        "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--num_attention_heads", "4",
+        "--report_to", "none", "--deepspeed", "ds_configs/zero2.json"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.load(open(tmp_path / "z2" / "encoder_config.json"))
+    assert abs(summary["alpha"]["last"]) > 0
+
+
+def test_help():
+    proc = subprocess.run([sys.executable, "pretrain_encoder.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--tools_file" in proc.stdout
+
+
+def test_example_tool_set_is_valid_and_its_query_files_are_current():
+    from lib.data import load_tool_queries
+
+    tools = load_tools(os.path.join(ROOT, "recipes", "tools", "tools.json"))
+    assert len(tools) == 20 and all(t.resources for t in tools)
+    names = [t.name for t in tools]
+    counts = {}
+    for split in ("train", "heldout"):
+        queries, _, resource = load_tool_queries(os.path.join(ROOT, "recipes", "tools", f"{split}_queries.jsonl"), names)
+        counts[split] = (set(queries), sum(resource))
+    assert not counts["train"][0] & counts["heldout"][0]  # held-out phrasings never occur in training
+    assert counts["heldout"][1] > 0
+    proc = subprocess.run([sys.executable, "-c", "import make_queries, json; print(json.dumps("
+                           "[make_queries.queries('train'), make_queries.queries('heldout')]))"],
+                          cwd=os.path.join(ROOT, "recipes", "tools"), capture_output=True, text=True, timeout=60)
+    train, held = json.loads(proc.stdout)
+    for split, rows in (("train", train), ("heldout", held)):
+        with open(os.path.join(ROOT, "recipes", "tools", f"{split}_queries.jsonl")) as f:
+            assert [json.loads(line) for line in f] == rows, f"rerun recipes/tools/make_queries.py ({split})"
