@@ -120,7 +120,11 @@ def main(argv=None) -> dict:
     if step0 and not resume:
         trainer.add_callback(Step0Evaluation(trainer, step0))
     trainer.train(resume_from_checkpoint=resume or None)
-    final = trainer.evaluate() if eval_ds is not None else None
+    final = None
+    if eval_ds is not None:
+        # Reuse the evaluation of the final step when the schedule already ran one.
+        last = [h for h in trainer.state.log_history if "eval_top1" in h and h.get("step") == trainer.state.global_step]
+        final = last[-1] if last else trainer.evaluate()
     trainer.save_model(args.output_dir)
     trainer.save_state()
 

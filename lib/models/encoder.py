@@ -103,6 +103,9 @@ class ToolEncoder(nn.Module):
         self.register_buffer("resources", resources.float().clone())
         # Hidden states share a large common direction; scores compare tools around their mean.
         self.register_buffer("center", semantic.float().mean(0))
+        # The fusion's output is normalised to each tool's own semantic spread, so that tanh(alpha) alone sets how
+        # much the resources move a tool vector (alpha = 0.1: about a tenth of its distance from the mean).
+        self.register_buffer("spread", (semantic.float() - semantic.float().mean(0)).norm(dim=-1) / hidden ** 0.5)
         self.resource_in = nn.Linear(resources.shape[1], d_resource) if resources.shape[1] else None
         self.tool_term = nn.Embedding(num_tools, d_resource)  # what the listed facts do not say about a tool
         nn.init.normal_(self.tool_term.weight, std=0.02)
@@ -131,7 +134,8 @@ class ToolEncoder(nn.Module):
         """Each tool's semantic vector attends over its own semantic and resource vectors."""
         tokens = torch.stack([semantic, resource], dim=1)  # (tools, 2, hidden)
         out, _ = self.attention(semantic[:, None], tokens, tokens, need_weights=False)
-        return self.fuse_out(out[:, 0])
+        out = self.fuse_out(out[:, 0])
+        return nn.functional.layer_norm(out, out.shape[-1:]) * self.spread[:, None]
 
     def residual(self) -> torch.Tensor:
         """``tanh(alpha) * fuse(semantic, resource)``: everything the resources add to the tool vectors."""
