@@ -25,7 +25,7 @@ def main(argv=None) -> dict:
     import transformers
     from transformers import set_seed
 
-    from lib.args import EncoderDataArguments, ModelArguments, parse_args
+    from lib.args import EncoderDataArguments, ModelArguments, parse_args, resume_argument
     from lib.callbacks import MetricsFileCallback, SafeCallback
     from lib.data import load_tool_queries
     from lib.files import write_json
@@ -113,13 +113,11 @@ def main(argv=None) -> dict:
                              compute_metrics=encoder_metrics if eval_ds is not None else None)
     trainer.add_callback(GateInProgressBar(encoder, trainer.callback_handler))
     trainer.add_callback(SafeCallback(MetricsFileCallback()))
-    resume = args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "false"):
-        resume = resume.lower() == "true"
+    resume = resume_argument(args.resume_from_checkpoint)
     step0 = evaluate_tool_encoder(encoder, eval_ds, args.temperature) if eval_ds is not None else None
     if step0 and not resume:
         trainer.add_callback(Step0Evaluation(trainer, step0))
-    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train(resume_from_checkpoint=resume)
     final = None
     if eval_ds is not None:
         # Reuse the evaluation of the final step when the schedule already ran one.

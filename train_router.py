@@ -34,7 +34,7 @@ def main(argv=None) -> str:
     import transformers
     from transformers import set_seed
 
-    from lib.args import DataArguments, ModelArguments, parse_args
+    from lib.args import DataArguments, ModelArguments, parse_args, resume_argument
     from lib.callbacks import MetricsFileCallback, SafeCallback, ScheduleCallback, parse_schedules
     from lib.data import PadCollator, prepare_router_datasets
     from lib.errors import UserError
@@ -97,10 +97,8 @@ def main(argv=None) -> str:
     trainer.add_callback(SafeCallback(MetricsFileCallback()))
 
     # ---- train, save, evaluate ---------------------------------------------------------------------
-    resume = args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "false"):
-        resume = resume.lower() == "true"
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    resume = resume_argument(args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     trainer.save_state()
     trainer.log_metrics("train", result.metrics)

@@ -27,7 +27,7 @@ def main(argv=None) -> str:
     import transformers
     from transformers import set_seed
 
-    from lib.args import LoraArguments, ModelLoadArguments, SFTDataArguments, parse_args
+    from lib.args import LoraArguments, ModelLoadArguments, SFTDataArguments, parse_args, resume_argument
     from lib.callbacks import MetricsFileCallback, SafeCallback
     from lib.data import prepare_sft_datasets
     from lib.models.loading import load_model_and_tokenizer, merge_adapter
@@ -61,10 +61,8 @@ def main(argv=None) -> str:
     trainer.add_callback(SafeCallback(MetricsFileCallback()))
 
     # ---- train, save -------------------------------------------------------------------------------
-    resume = args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "false"):
-        resume = resume.lower() == "true"
-    trainer.train(resume_from_checkpoint=resume or None)
+    resume = resume_argument(args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     if eval_ds is not None:
         trainer.log_metrics("eval", trainer.evaluate())
     trainer.save_model(args.output_dir)

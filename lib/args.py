@@ -131,6 +131,13 @@ def _read_recipe(path: str) -> dict:
     return data
 
 
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``true`` for the newest one in output_dir."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true" or None
+    return value or None
+
+
 def parse_args(dataclass_types: tuple, argv: list[str] | None = None):
     """Parse ``[recipe.yaml|json] [--flag value ...]`` into the given dataclasses.
 
