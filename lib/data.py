@@ -95,11 +95,15 @@ def parse_label(value: Any, source: str, row: int, field: str) -> int:
     )
 
 
+def is_message_list(value: Any) -> bool:
+    """A chat row: a list of ``{"role", "content"}`` dicts with string values."""
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+
+
 def check_messages(messages: Any, source: str, row: int, field: str) -> list[dict]:
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
-    ):
+    if not is_message_list(messages):
         raise DataError(
             f"{source} row {row}: field '{field}' must be a list of {{'role', 'content'}} messages with string values."
         )
@@ -299,11 +303,17 @@ class PadCollator:
         return {k: torch.tensor(v) for k, v in batch.items()}
 
 
-def _split_rows(items: list, labels: list[int], percentage: float, seed: int):
-    """Deterministically hold out ``percentage`` of the rows (at least one row on each side)."""
+def held_out_count(n_rows: int, percentage: float, source: str) -> int:
+    """How many of ``n_rows`` rows ``--validation_split_percentage`` holds out (at least one on each side)."""
+    if n_rows < 2:
+        raise DataError(f"{source} has too few rows to hold out a validation split.")
+    return min(n_rows - 1, max(1, round(n_rows * percentage / 100.0)))
+
+
+def _split_rows(items: list, labels: list[int], n_eval: int, seed: int):
+    """Deterministically hold out ``n_eval`` of the rows."""
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    n_eval = min(len(items) - 1, max(1, round(len(items) * percentage / 100.0)))
     held, kept = sorted(order[:n_eval]), sorted(order[n_eval:])
     return ([items[i] for i in kept], [labels[i] for i in kept]), ([items[i] for i in held], [labels[i] for i in held])
 
@@ -335,10 +345,8 @@ def prepare_router_datasets(data_args, tokenizer, *, seed: int, main_process_fir
             eval_raw = eval_raw.select(range(min(len(eval_raw), data_args.max_eval_samples)))
         eval_items, eval_labels, _ = collect_rows(eval_raw, data_args.validation_file, tokenizer, **fields)
     elif data_args.validation_split_percentage > 0:
-        if len(items) < 2:
-            raise DataError(f"{data_args.train_file} has too few rows to hold out a validation split.")
-        (items, labels), (eval_items, eval_labels) = _split_rows(
-            items, labels, data_args.validation_split_percentage, seed)
+        n_eval = held_out_count(len(items), data_args.validation_split_percentage, data_args.train_file)
+        (items, labels), (eval_items, eval_labels) = _split_rows(items, labels, n_eval, seed)
 
     kinds = data_args.kinds() if data_args.synthetic_negatives else None
     train_rows = build_labelled_texts(items, labels, tokenizer, chat=chat, synthetic_kinds=kinds,
@@ -438,9 +446,7 @@ def prepare_sft_datasets(data_args, tokenizer, *, max_length: int, seed: int, ma
     if data_args.max_train_samples:
         train = train.select(range(min(len(train), data_args.max_train_samples)))
     if evals is None and data_args.validation_split_percentage > 0:
-        if len(train) < 2:
-            raise DataError(f"{data_args.train_file} has too few rows to hold out a validation split.")
-        n_eval = min(len(train) - 1, max(1, round(len(train) * data_args.validation_split_percentage / 100)))
+        n_eval = held_out_count(len(train), data_args.validation_split_percentage, data_args.train_file)
         split = train.train_test_split(test_size=n_eval, seed=seed)
         train, evals = split["train"], split["test"]
     if evals is not None and data_args.max_eval_samples:

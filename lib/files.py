@@ -1,4 +1,5 @@
-"""Atomic file output: every file a script hands to a user appears whole or not at all."""
+"""Atomic file output (every file a script hands to a user appears whole or not at all), and the version
+records that go into those files."""
 
 from __future__ import annotations
 
@@ -42,3 +43,16 @@ def write_table(table, path: str, fmt: str) -> None:
             for batch in table.to_batches(max_chunksize=4096):
                 for row in batch.to_pylist():
                     f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def package_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of ``packages`` (the ones not installed are left out), for results and summaries."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

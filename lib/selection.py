@@ -148,9 +148,9 @@ def _skip_reason_text(value: Any) -> str | None:
 def _skip_reason_messages(value: Any) -> str | None:
     if value is None:
         return "missing"
-    if not isinstance(value, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
+    from lib.data import is_message_list
+
+    if not is_message_list(value):
         return "not a list of {role, content} messages"
     return None if any(m["content"].strip() for m in value) else "empty"
 
@@ -525,24 +525,12 @@ def merge_shards(shard_dir: str, n_shards: int, n_rows: int):
 # The whole stage
 # --------------------------------------------------------------------------------------------------
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("torch", "transformers", "datasets", "sidekit"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def run_selection(args: SelectArguments) -> dict[str, Any]:
     """Score, select and write everything; returns the summary (on every rank; only rank 0 writes files)."""
     from tqdm.auto import tqdm
 
-    from lib.data import DataError, load_rows
-    from lib.files import write_json, write_table
+    from lib.data import DataError, check_fields, load_rows
+    from lib.files import package_versions, write_json, write_table
     from lib.models.loading import load_model, load_tokenizer, resolve_model_path
     from lib.models.moe import ExpertSplit, find_moe_routers, find_router_config, keep_routers_fp32, load_router_config
     from lib.scoring import BatchScorer
@@ -556,10 +544,8 @@ def run_selection(args: SelectArguments) -> dict[str, Any]:
         if args.max_samples:
             ds = ds.select(range(min(len(ds), args.max_samples)))
         column = args.messages_field or args.text_field
-        if column not in ds.column_names:
-            flag = "--messages_field" if args.messages_field else "--text_field (or --messages_field for chat rows)"
-            raise DataError(f"{args.data_file} has no field '{column}' (fields: {', '.join(ds.column_names)}); "
-                            f"set {flag}.")
+        check_fields(ds, args.data_file, text_field=args.text_field, messages_field=args.messages_field,
+                     label_field=None)
         clash = [c for c in ds.column_names if c in SCORE_COLUMNS]
         if clash:
             raise DataError(f"{args.data_file} already has column(s) {clash} that select_data.py writes; rename or "
@@ -671,7 +657,7 @@ def run_selection(args: SelectArguments) -> dict[str, Any]:
                 "dtype": dtype,
                 "device": device.type,
                 "processes": dist.world,
-                "versions": _versions(),
+                "versions": package_versions(("torch", "transformers", "datasets", "sidekit")),
                 "timing": {"scoring_seconds_rank0": round(scoring_seconds, 3),
                            "rows_per_second_rank0": round(my_rows / scoring_seconds, 2) if scoring_seconds > 0 else None,
                            "total_seconds": round(time.time() - started, 3)},

@@ -460,19 +460,25 @@ def load_model_and_tokenizer(model_args) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def check_adapter_dir(adapter_dir: str) -> None:
+    if not os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
+        raise UserError(f"--adapter {adapter_dir} has no adapter_config.json; point it to the output_dir of "
+                        "train_target.py --use_peft.")
+
+
+def merge_adapter_into(model, adapter_dir: str):
+    """``model`` with the PEFT adapter in ``adapter_dir`` merged into its weights (they change in place)."""
+    from peft import PeftModel
+
+    check_adapter_dir(adapter_dir)
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+
+
 def load_with_adapter(model_args, adapter_dir: str | None):
     """The base model ``model_args`` describe, with a PEFT adapter merged in when one is given (full weights)."""
     with zero3_init_disabled():
         model, tokenizer = load_model_and_tokenizer(model_args)
-    if not adapter_dir:
-        return model, tokenizer
-    if not os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
-        raise UserError(f"{adapter_dir} has no adapter_config.json; point --adapter to the output_dir of "
-                        "train_target.py --use_peft.")
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    return model, tokenizer
+    return (merge_adapter_into(model, adapter_dir) if adapter_dir else model), tokenizer
 
 
 def merge_adapter(model_args, adapter_dir: str, out_dir: str) -> str:
