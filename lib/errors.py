@@ -17,3 +17,16 @@ def run_main(main: Callable[[list[str]], object], argv: list[str] | None = None)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits.
+
+    Left to interpreter shutdown, the communication threads of a gloo/DeepSpeed CPU group are sometimes destroyed
+    while still running, and a run that finished and saved everything aborts ("terminate called without an active
+    exception").
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
