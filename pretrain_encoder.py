@@ -10,10 +10,10 @@
     deepspeed --num_gpus 2 pretrain_encoder.py recipes/pretrain_encoder_smollm2.yaml --deepspeed ds_configs/zero2.json
 
 The LLM runs once per tool (its name and description, pooled) and once per query, before training; both tables
-are cached on disk keyed by the model and the texts, so a rerun skips those forward passes. Training then touches
+are cached on disk keyed by the model weights' content and the texts, so a rerun skips those forward passes. Training then touches
 only the resource MLP and the gated fusion. Logs gate/alpha every step (also in the progress bar), loss/tool,
 loss/resource, train/tool_acc, and held-out top-1/top-3 accuracy split into semantic and resource queries, at
-step 0 and after every epoch. --resume_from_checkpoint works.
+step 0 (--eval_on_start) and after every epoch. --resume_from_checkpoint works.
 """
 
 
@@ -25,78 +25,75 @@ def main(argv=None) -> dict:
     import transformers
     from transformers import set_seed
 
-    from lib.args import EncoderDataArguments, ModelArguments, parse_args, resume_argument
-    from lib.callbacks import MetricsFileCallback, SafeCallback
-    from lib.data import load_tool_queries
-    from lib.files import write_json
-    from lib.models.encoder import (
-        ToolEncoder,
-        cached_embeddings,
-        embed_texts,
-        embeddings_cache_key,
-        load_tools,
-        resource_matrix,
+    from lib.core.args import parse_args
+    from lib.core.cache import cached_tensor
+    from lib.core.callbacks import (
+        MetricsFileCallback,
+        SafeCallback,
+        load_user_callbacks,
     )
-    from lib.trainers.encoder import (
-        EncoderTrainer,
-        EncoderTrainingArguments,
-        GateInProgressBar,
-        Step0Evaluation,
-        encoder_metrics,
-        evaluate_tool_encoder,
-    )
+    from lib.core.files import write_json
+    from lib.core.hub import check_push_to_hub
+    from lib.core.trainer import check_eval_data, prepare_output_dir
+    from lib.models.args import ModelArguments
+    from lib.models.deepspeed import zero3_init_disabled
+    from lib.models.loading import load_model_and_tokenizer, weights_fingerprint
+    from lib.tools.args import EncoderDataArguments, EncoderTrainingArguments
+    from lib.tools.data import load_tool_queries, load_tools, resource_matrix
+    from lib.tools.embeddings import embed_texts, embeddings_cache_key
+    from lib.tools.modules import ToolEncoder
+    from lib.tools.trainer import EncoderTrainer, GateInProgressBar, encoder_metrics
 
-    # ---- arguments ---------------------------------------------------------------------------------
+    # ---- arguments and data: everything that can be wrong is refused before a model loads ---------------
     model_args, data_args, args = parse_args((ModelArguments, EncoderDataArguments, EncoderTrainingArguments), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
-    set_seed(args.seed)
+    user_callbacks = load_user_callbacks(args.callbacks)
+    check_push_to_hub(args.push_to_hub, args.hub_model_id)
+    check_eval_data(args, bool(data_args.validation_file))
     tools = load_tools(data_args.tools_file)
     names = [t.name for t in tools]
     train_q, train_t, train_r = load_tool_queries(data_args.train_file, names)
     eval_q = load_tool_queries(data_args.validation_file, names) if data_args.validation_file else None
+    resume = prepare_output_dir(args)
 
-    # ---- frozen LLM embeddings (cached) ------------------------------------------------------------
+    # ---- frozen LLM embeddings, cached by the weights' content -------------------------------------
     texts = [t.text() for t in tools]
     queries = train_q + (eval_q[0] if eval_q else [])
     llm = {}
 
     def model_and_tokenizer():
         if not llm:
-            from lib.models.loading import load_model_and_tokenizer, zero3_init_disabled
-
-            with zero3_init_disabled():
-                model, tok = load_model_and_tokenizer(model_args)
+            with zero3_init_disabled(args):
+                model, tok = load_model_and_tokenizer(model_args, args)
             llm["model"], llm["tok"] = model.eval(), tok
         return llm["model"], llm["tok"]
-
-    def config_dict():
-        from transformers import AutoConfig
-
-        from lib.models.loading import resolve_model_path
-
-        return AutoConfig.from_pretrained(resolve_model_path(model_args.model_name_or_path),
-                                          revision=model_args.model_revision).to_dict()
 
     def encode(items, show):
         model, tok = model_and_tokenizer()
         return embed_texts(model, tok, items, pooling=args.pooling, progress=show)
 
     with args.main_process_first(desc="frozen LLM embeddings"):
-        cfg = config_dict()
-        model_id = f"{model_args.model_name_or_path}@{model_args.model_revision}"
-        semantic, hit_tools = cached_embeddings(
-            embeddings_cache_key(model_id, cfg, texts, args.pooling),
+        weights = weights_fingerprint(model_args.model_name_or_path, model_args.model_revision)
+        if weights is None:  # a hub model not downloaded yet: loading it downloads it
+            model_and_tokenizer()
+            weights = weights_fingerprint(model_args.model_name_or_path, model_args.model_revision)
+        settings = {"dtype": model_args.dtype, "upcycle": [model_args.upcycle_experts, model_args.upcycle_top_k,
+                                                           model_args.upcycle_noise, model_args.upcycle_seed]}
+        semantic, hit_tools = cached_tensor(
+            "embeddings", embeddings_cache_key(weights, settings, texts, args.pooling),
             lambda: encode(texts, lambda i, _: print(f"semantic embedding {i + 1}/{len(tools)}: {names[i]}",
                                                      flush=True)))
-        query_emb, hit_queries = cached_embeddings(embeddings_cache_key(model_id, cfg, queries, args.pooling),
-                                                   lambda: encode(queries, None))
+        query_emb, hit_queries = cached_tensor("embeddings", embeddings_cache_key(weights, settings, queries,
+                                                                                  args.pooling),
+                                               lambda: encode(queries, None))
     llm.clear()
     if args.process_index == 0:
         print(f"semantic table {tuple(semantic.shape)} ({'cached' if hit_tools else 'computed'}), query embeddings "
               f"{tuple(query_emb.shape)} ({'cached' if hit_queries else 'computed'})", flush=True)
 
     # ---- encoder and data --------------------------------------------------------------------------
+    set_seed(args.seed)  # the encoder's initial weights depend on the seed alone, cached embeddings or not
     features, resource_keys = resource_matrix(tools)
     encoder = ToolEncoder(semantic, features, d_resource=args.d_resource,
                           num_attention_heads=args.num_attention_heads, dropout=args.dropout)
@@ -108,15 +105,12 @@ def main(argv=None) -> dict:
     train_ds = as_dataset(query_emb[:n_train], train_t, train_r)
     eval_ds = as_dataset(query_emb[n_train:], eval_q[1], eval_q[2]) if eval_q else None
 
-    # ---- train -------------------------------------------------------------------------------------
+    # ---- train (held-out accuracy at step 0, i.e. pure semantics, then every epoch) ---------------------
     trainer = EncoderTrainer(model=encoder, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              compute_metrics=encoder_metrics if eval_ds is not None else None)
     trainer.add_callback(GateInProgressBar(encoder, trainer.callback_handler))
-    trainer.add_callback(SafeCallback(MetricsFileCallback()))
-    resume = resume_argument(args.resume_from_checkpoint)
-    step0 = evaluate_tool_encoder(encoder, eval_ds, args.temperature) if eval_ds is not None else None
-    if step0 and not resume:
-        trainer.add_callback(Step0Evaluation(trainer, step0))
+    for callback in [SafeCallback(MetricsFileCallback()), *user_callbacks]:
+        trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=resume)
     final = None
     if eval_ds is not None:
@@ -127,10 +121,11 @@ def main(argv=None) -> dict:
     trainer.save_state()
 
     # ---- report ------------------------------------------------------------------------------------
+    step0 = next((h for h in trainer.state.log_history if "eval_top1" in h and h.get("step") == 0), None)
     alphas = [h["gate/alpha"] for h in trainer.state.log_history if "gate/alpha" in h]
     summary = {
         "tools": names, "resource_keys": resource_keys, "model": model_args.model_name_or_path,
-        "pooling": args.pooling, "hidden_size": int(semantic.shape[1]),
+        "model_weights": weights, "pooling": args.pooling, "hidden_size": int(semantic.shape[1]),
         "d_resource": args.d_resource or int(semantic.shape[1]), "num_attention_heads": args.num_attention_heads,
         "alpha": {"first": alphas[0], "middle": alphas[len(alphas) // 2], "last": alphas[-1]} if alphas else None,
         "step0": step0, "final": final,
@@ -150,6 +145,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from lib.errors import run_main
+    from lib.core.errors import run_main
 
     run_main(main)

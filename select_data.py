@@ -20,28 +20,121 @@ Baselines through the same machinery (any causal LM; ifd needs chat rows):
 
 An interrupted run continues from the shards it finished: rerun the same command with --resume.
 Outputs: scored.{jsonl,parquet} (every row, all its fields, plus scores), selected.{jsonl,parquet} (best first),
-summary.json and scores.png.
+scores.png, and summary.json, written last: a folder with a summary.json holds a complete set.
 """
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
+    import datetime
     import logging
+    import math
+    import os
+    import time
 
+    import torch
     import transformers
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
 
-    from lib.args import parse_args
-    from lib.selection import SelectArguments, run_selection
+    from lib.core.args import parse_args
+    from lib.core.data import check_fields, load_rows
+    from lib.core.errors import DataError
+    from lib.selection.args import SelectArguments
+    from lib.selection.checkpoint import load_scoring_model
+    from lib.selection.outputs import write_selection
+    from lib.selection.scorer import BatchScorer, score_shard
+    from lib.selection.scores import LM_SCORES, ROUTER_SCORES
+    from lib.selection.shards import (
+        SCORE_COLUMNS,
+        SHARD_FORMAT_VERSION,
+        check_output_dir,
+        data_fingerprint,
+        prepare_output_dir,
+        shard_path,
+        shard_size_for,
+        write_shard,
+    )
+    from lib.selection.split import find_router_config
 
-    # ---- arguments ---------------------------------------------------------------------------------
+    # ---- arguments and processes -------------------------------------------------------------------
     (args,) = parse_args((SelectArguments,), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
+    started = time.time()
+    # Ranks wait for each other only at the merge; a long pool on unequal hardware needs patience.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(hours=6))
 
-    # ---- score, select, write ----------------------------------------------------------------------
-    summary = run_selection(args)
+    # ---- data --------------------------------------------------------------------------------------
+    with state.main_process_first():
+        ds = load_rows(args.data_file, split=args.split, config_name=args.dataset_config_name)
+    if args.max_samples:
+        ds = ds.select(range(min(len(ds), args.max_samples)))
+    column = args.messages_field or args.text_field
+    check_fields(ds, args.data_file, text_field=args.text_field, messages_field=args.messages_field, label_field=None)
+    clash = [c for c in ds.column_names if c in SCORE_COLUMNS]
+    if clash:
+        raise DataError(f"{args.data_file} already has column(s) {clash} that select_data.py writes; rename or drop "
+                        "them first (is this an already-scored file?).")
 
-    # ---- report (rank 0) ---------------------------------------------------------------------------
-    if summary:
+    # ---- model: base + upcycling + trained routers (or any causal LM for perplexity / IFD) -------------
+    want_router = args.score in ROUTER_SCORES or find_router_config(args.router_model, args.model_revision) is not None
+    device = state.device
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    with state.main_process_first():
+        scoring = load_scoring_model(
+            args.router_model, want_router=want_router, dtype=dtype, attn_implementation=args.attn_implementation or "sdpa",
+            experts_implementation=args.experts_implementation, revision=args.model_revision,
+            trust_remote_code=args.trust_remote_code, device=device)
+    masks = scoring.split.masks(device) if scoring.split else None
+    scorer = BatchScorer(scoring.model, routers=scoring.routers, garbage_masks=masks,
+                         top_k=scoring.split.top_k if scoring.split else 1, lm=args.score in LM_SCORES)
+    alone_scorer = BatchScorer(scoring.model, lm=True) if args.score == "ifd" else None
+    max_len = args.max_seq_length or int(scoring.router_config.get("scoring", {}).get("max_seq_length") or 512)
+
+    # ---- shards: the unit of resuming; every process takes every N-th unfinished one ---------------------
+    n_rows = len(ds)
+    shard_size = shard_size_for(n_rows, args.shard_size)
+    n_shards = math.ceil(n_rows / shard_size)
+    shard_dir = os.path.join(args.output_dir, "shards")
+    manifest = {
+        "format_version": SHARD_FORMAT_VERSION, "score": args.score, "model": scoring.fingerprint,
+        "data": data_fingerprint(args.data_file, ds), "rows": n_rows, "shard_size": shard_size,
+        "max_seq_length": max_len, "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
+        "field": column, "dtype": dtype, "device_type": device.type,
+    }
+    existing = check_output_dir(args, manifest)
+    state.wait_for_everyone()  # every process has checked before the main one changes anything
+    if state.is_main_process:
+        prepare_output_dir(args, manifest, existing)
+    state.wait_for_everyone()
+    pending = [s for s in range(n_shards) if not os.path.exists(shard_path(shard_dir, s))]
+    state.wait_for_everyone()  # every process has listed the finished shards before anyone writes a new one
+    mine = pending[state.process_index::state.num_processes]
+    my_rows = sum(min(shard_size, n_rows - s * shard_size) for s in mine)
+
+    # ---- score -------------------------------------------------------------------------------------
+    desc = f"scoring ({args.score})" + (f", process 0 of {state.num_processes}" if state.num_processes > 1 else "")
+    bar = tqdm(total=my_rows, unit="row", dynamic_ncols=True, desc=desc,
+               disable=args.disable_tqdm or not state.is_main_process)
+    score_started = time.time()
+    for s in mine:
+        start = s * shard_size
+        values = ds.select(range(start, min(n_rows, start + shard_size)))[column]
+        rows = score_shard(values, scorer=scorer, tokenizer=scoring.tokenizer, args=args, max_len=max_len,
+                           device=device, want_router=want_router, alone_scorer=alone_scorer,
+                           on_rows=lambda n, skipped=0: bar.update(n + skipped))
+        write_shard(shard_path(shard_dir, s), start, rows)
+    bar.close()
+    scoring_seconds = time.time() - score_started
+    state.wait_for_everyone()
+
+    # ---- merge, select, write the result set (main process; summary.json last) -------------------------
+    summary = None
+    if state.is_main_process:
+        summary = write_selection(
+            args, ds, shard_dir=shard_dir, n_shards=n_shards, manifest=manifest, router_cfg=scoring.router_config,
+            want_router=want_router, max_len=max_len, dtype=dtype, device=device.type,
+            processes=state.num_processes, rows_scored_here=my_rows, scoring_seconds=scoring_seconds, started=started)
         counts, sel = summary["counts"], summary["selection"]
         cut = sel["cut_selection_score"]
         print(f"scored {counts['scored']} of {counts['rows']} rows ({counts['unscored']} without a score, "
@@ -49,10 +142,11 @@ def main(argv=None) -> dict:
               f"kept {counts['selected']} by {sel['score']}" + (f" (cut {cut:.4f})" if cut is not None else ""),
               flush=True)
         print(f"selected rows: {args.output_dir}/{summary['files']['selected']}", flush=True)
+    state.wait_for_everyone()
     return summary
 
 
 if __name__ == "__main__":
-    from lib.errors import run_main
+    from lib.core.errors import run_main
 
     run_main(main)

@@ -3,8 +3,9 @@
 
 Everything but the router weights is frozen. Each layer's experts are split into quality experts and a
 garbage bin; the loss is the LM loss on good rows + a routing loss (garbage rows onto the garbage bin, good
-rows off it) + load balancing. A checkpoint (full model + router_config.json) is saved every epoch for
-select_data.py.
+rows off it) + load balancing. Every epoch a checkpoint holds the trained routers (trainable.safetensors),
+router_config.json (base model, upcycling, expert split) and the optimizer state; select_data.py rebuilds the
+model from them. --save_full_model also writes a complete transformers checkpoint at the end.
 
 Single process, upcycling the builtin dense model into an 8-expert MoE:
     python train_router.py --model_name_or_path builtin:smollm2-135m-instruct --upcycle_experts 8 --upcycle_top_k 2 \
@@ -34,25 +35,42 @@ def main(argv=None) -> str:
     import transformers
     from transformers import set_seed
 
-    from lib.args import DataArguments, ModelArguments, parse_args, resume_argument
-    from lib.callbacks import MetricsFileCallback, SafeCallback, ScheduleCallback, parse_schedules
-    from lib.data import PadCollator, prepare_router_datasets
-    from lib.errors import UserError
-    from lib.freezing import freeze_all_but
+    from lib.core.args import parse_args
+    from lib.core.callbacks import (
+        MetricsFileCallback,
+        SafeCallback,
+        ScheduleCallback,
+        load_user_callbacks,
+        parse_schedules,
+    )
+    from lib.core.data import PadCollator
+    from lib.core.errors import UserError
+    from lib.core.freezing import freeze_all_but
+    from lib.core.hub import check_push_to_hub
+    from lib.core.trainer import check_eval_data, prepare_output_dir
+    from lib.models.args import ModelArguments
+    from lib.models.deepspeed import prepare_moe_for_zero3
     from lib.models.loading import load_model_and_tokenizer
-    from lib.models.moe import ExpertSplit, check_uniform_routers, keep_routers_fp32, prepare_moe_for_zero3
-    from lib.registry import ROUTERS
-    from lib.trainers.router import RouterTrainer, RouterTrainingArguments, router_metrics
+    from lib.models.moe import ROUTERS, check_uniform_routers, keep_routers_fp32
+    from lib.selection.args import RouterDataArguments, RouterTrainingArguments
+    from lib.selection.checkpoint import weights_fingerprint
+    from lib.selection.data import prepare_router_datasets
+    from lib.selection.split import ExpertSplit
+    from lib.selection.trainer import RouterTrainer, router_metrics
 
-    # ---- arguments ---------------------------------------------------------------------------------
-    model_args, data_args, args = parse_args((ModelArguments, DataArguments, RouterTrainingArguments), argv)
+    # ---- arguments: everything that can be wrong is refused before a model loads -------------------------
+    model_args, data_args, args = parse_args((ModelArguments, RouterDataArguments, RouterTrainingArguments), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     schedules = parse_schedules(args.schedule)
+    user_callbacks = load_user_callbacks(args.callbacks)
+    check_push_to_hub(args.push_to_hub, args.hub_model_id)
+    check_eval_data(args, bool(data_args.validation_file or data_args.validation_split_percentage))
+    resume = prepare_output_dir(args)
     set_seed(args.seed)
 
     # ---- model -------------------------------------------------------------------------------------
-    model, tokenizer = load_model_and_tokenizer(model_args)
+    model, tokenizer = load_model_and_tokenizer(model_args, args)
     routers = ROUTERS.get(args.router_type)(model)
     if not routers:
         raise UserError(
@@ -75,13 +93,16 @@ def main(argv=None) -> str:
     if args.process_index == 0:
         print(f"data: {data_summary}", flush=True)
 
-    # ---- trainer -----------------------------------------------------------------------------------
-    split = None
-    if args.garbage_selection == "index":
-        split = ExpertSplit.by_index(routers, args.garbage_expert_ratio)
+    # ---- trainer: what select_data.py needs to rebuild the model goes into router_config.json -----------
+    split = ExpertSplit.by_index(routers, args.garbage_expert_ratio) if args.garbage_selection == "index" else None
+    upcycle = ({"num_experts": model_args.upcycle_experts, "top_k": model_args.upcycle_top_k,
+                "noise": model_args.upcycle_noise, "seed": model_args.upcycle_seed}
+               if model_args.upcycle_experts else None)
     config_extra = {
         "base_model": model_args.model_name_or_path,
-        "upcycled": getattr(model.config, "upcycled_from", None),
+        "base_model_revision": model_args.model_revision,
+        "base_model_fingerprint": weights_fingerprint(model_args.model_name_or_path, model_args.model_revision),
+        "upcycle": upcycle,
         "scoring": {"default_score": "quality_score", "max_seq_length": data_args.max_seq_length,
                     "text_field": data_args.text_field, "messages_field": data_args.messages_field},
     }
@@ -94,12 +115,14 @@ def main(argv=None) -> str:
     )
     if schedules:
         trainer.add_callback(ScheduleCallback(schedules, trainer.coefs))
-    trainer.add_callback(SafeCallback(MetricsFileCallback()))
+    for callback in [SafeCallback(MetricsFileCallback()), *user_callbacks]:
+        trainer.add_callback(callback)
 
     # ---- train, save, evaluate ---------------------------------------------------------------------
-    resume = resume_argument(args.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
+    if args.save_full_model:
+        trainer.save_full_model(args.output_dir)
     trainer.save_state()
     trainer.log_metrics("train", result.metrics)
     auroc = None
@@ -120,6 +143,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    from lib.errors import run_main
+    from lib.core.errors import run_main
 
     run_main(main)

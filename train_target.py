@@ -27,24 +27,37 @@ def main(argv=None) -> str:
     import transformers
     from transformers import set_seed
 
-    from lib.args import LoraArguments, ModelLoadArguments, SFTDataArguments, parse_args, resume_argument
-    from lib.callbacks import MetricsFileCallback, SafeCallback
-    from lib.data import prepare_sft_datasets
-    from lib.models.loading import load_model_and_tokenizer, merge_adapter
-    from lib.trainers.target import TargetTrainer, TargetTrainingArguments
+    from lib.core.args import parse_args
+    from lib.core.callbacks import (
+        MetricsFileCallback,
+        SafeCallback,
+        load_user_callbacks,
+    )
+    from lib.core.hub import check_push_to_hub
+    from lib.core.trainer import check_eval_data, prepare_output_dir
+    from lib.models.adapters import merge_adapter
+    from lib.models.args import ModelLoadArguments
+    from lib.models.loading import load_model_and_tokenizer
+    from lib.sft.args import LoraArguments, SFTDataArguments, TargetTrainingArguments
+    from lib.sft.data import prepare_sft_datasets
+    from lib.sft.trainer import TargetTrainer, selection_provenance
 
-    # ---- arguments ---------------------------------------------------------------------------------
+    # ---- arguments: everything that can be wrong is refused before a model loads -------------------------
     model_args, data_args, lora_args, args = parse_args(
         (ModelLoadArguments, SFTDataArguments, LoraArguments, TargetTrainingArguments), argv)
     model_args.trust_remote_code = args.trust_remote_code  # TRL's SFTConfig owns this flag
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
+    user_callbacks = load_user_callbacks(args.callbacks)
+    check_push_to_hub(args.push_to_hub, args.hub_model_id)
+    check_eval_data(args, bool(data_args.validation_file or data_args.validation_split_percentage))
+    provenance = selection_provenance(data_args.train_file)  # refuses rows of an unfinished select_data.py run
+    resume = prepare_output_dir(args)
     set_seed(args.seed)
 
     # ---- model and data ----------------------------------------------------------------------------
-    model, tokenizer = load_model_and_tokenizer(model_args)
-    train_ds, eval_ds = prepare_sft_datasets(data_args, tokenizer, max_length=args.max_length or 1024,
-                                             seed=args.seed, main_process_first=args.main_process_first)
+    model, tokenizer = load_model_and_tokenizer(model_args, args)
+    train_ds, eval_ds = prepare_sft_datasets(data_args, args, tokenizer)
     if args.process_index == 0:
         print(f"data: {len(train_ds)} training rows" + (f", {len(eval_ds)} evaluation rows" if eval_ds else ""),
               flush=True)
@@ -56,12 +69,12 @@ def main(argv=None) -> str:
     trainer = TargetTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         peft_config=peft_config, base_model=model_args.model_name_or_path, train_file=data_args.train_file,
-        lora=lora,
+        lora=lora, provenance=provenance,
     )
-    trainer.add_callback(SafeCallback(MetricsFileCallback()))
+    for callback in [SafeCallback(MetricsFileCallback()), *user_callbacks]:
+        trainer.add_callback(callback)
 
     # ---- train, save -------------------------------------------------------------------------------
-    resume = resume_argument(args.resume_from_checkpoint)
     trainer.train(resume_from_checkpoint=resume)
     if eval_ds is not None:
         trainer.log_metrics("eval", trainer.evaluate())
@@ -70,7 +83,7 @@ def main(argv=None) -> str:
     trainer.create_model_card()
     merged = None
     if lora_args.merge_adapter and trainer.is_world_process_zero():
-        merged = merge_adapter(model_args, args.output_dir, os.path.join(args.output_dir, "merged"))
+        merged = merge_adapter(model_args, args.output_dir, os.path.join(args.output_dir, "merged"), args)
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="train_target.py: fine-tuned on selected data")
     if trainer.is_world_process_zero():
@@ -82,6 +95,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    from lib.errors import run_main
+    from lib.core.errors import run_main
 
     run_main(main)

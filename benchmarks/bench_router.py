@@ -38,11 +38,13 @@ def worker(args) -> dict:
 
     import torch
 
-    from lib.freezing import freeze_all_but
-    from lib.losses import causal_lm_loss, load_balancing_loss, routing_loss
-    from lib.models.loading import load_model, load_tokenizer, upcycle_to_moe
-    from lib.models.moe import ExpertSplit, RouterCapture, find_moe_routers
-    from lib.pools import pydoc_paragraphs
+    from lib.core.freezing import freeze_all_but
+    from lib.models.loading import load_model, load_tokenizer
+    from lib.models.moe import RouterCapture, find_moe_routers
+    from lib.models.upcycling import upcycle_to_moe
+    from lib.selection.losses import causal_lm_loss, load_balancing_loss, routing_loss
+    from lib.selection.pools import pydoc_paragraphs
+    from lib.selection.split import ExpertSplit
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

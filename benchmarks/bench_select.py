@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def build_pool(n_rows: int, seed: int) -> list[str]:
     """Real text of mixed length: short Q/A rows, paragraphs, and several paragraphs glued together."""
-    from lib.pools import benchmark_texts, pydoc_paragraphs
+    from lib.selection.pools import benchmark_texts, pydoc_paragraphs
 
     texts = pydoc_paragraphs(min_chars=20, max_chars=1500) + benchmark_texts()
     rng = random.Random(seed)
@@ -44,7 +44,7 @@ def build_pool(n_rows: int, seed: int) -> list[str]:
 def baseline_scores(model, tokenizer, texts, masks, top_k, batch_size, max_len, device):
     import torch
 
-    from lib.scoring import router_row_scores
+    from lib.selection.scores import router_row_scores
 
     out = []
     for start in range(0, len(texts), batch_size):
@@ -72,10 +72,12 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from lib.models.loading import load_model, load_tokenizer, upcycle_to_moe
-    from lib.models.moe import ExpertSplit, find_moe_routers, keep_routers_fp32
-    from lib.scoring import BatchScorer
-    from lib.selection import SelectArguments, score_shard
+    from lib.models.loading import load_model, load_tokenizer
+    from lib.models.moe import find_moe_routers, keep_routers_fp32
+    from lib.models.upcycling import upcycle_to_moe
+    from lib.selection.args import SelectArguments
+    from lib.selection.scorer import BatchScorer, score_shard
+    from lib.selection.split import ExpertSplit
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")

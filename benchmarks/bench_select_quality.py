@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     import select_data
-    from lib.scoring import auroc
+    from lib.selection.scores import auroc
 
     def run(score: str) -> tuple[list[dict], list[dict]]:
         out = os.path.join(args.output_dir, score)

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 
 # Run from anywhere: the scripts and lib/ of this checkout come first.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,7 +39,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--recipe", default="recipes/train_target_smollm2.yaml", help="train_target.py recipe.")
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct", help="Target model.")
     parser.add_argument("--messages_field", default="messages", help="Chat column ('' for text rows).")
-    parser.add_argument("--text_field", default="text")
+    parser.add_argument("--dataset_text_field", default="text", help="Text column when --messages_field is ''.")
     parser.add_argument("--heldout", default="data/target_heldout.jsonl", help="Clean rows for the held-out loss.")
     parser.add_argument("--ratio", type=float, default=0.3, help="Share of the pool in each subset.")
     parser.add_argument("--max_steps", type=int, default=40, help="Training steps, the same for every subset.")
@@ -51,44 +50,52 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", action="store_true", help="Print a JSON object as the last line.")
     args = parser.parse_args(argv)
 
+    import importlib.util
+
     import train_target
-    from lib.args import ModelArguments
-    from lib.evaluation import EvaluateArguments, evaluate_models, metric_rows
-    from lib.pools import write_jsonl
+    from lib.eval.harness import metric_rows
+    from lib.selection.pools import write_jsonl
+
+    # evaluate.py is a script whose name shadows the `evaluate` library: load it under another name.
+    spec = importlib.util.spec_from_file_location(
+        "sidekit_evaluate_script", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                "evaluate.py"))
+    evaluate_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_script)
+
+    def evaluate(output_dir: str, *extra: str) -> dict:
+        return evaluate_script.main(["--model_name_or_path", args.model, "--tasks", args.tasks, "--limit",
+                                     str(args.limit), "--output_dir", output_dir, *extra])
 
     with open(args.scored, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     parts = subsets(rows, args.ratio, args.seed)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    field = ["--messages_field", args.messages_field] if args.messages_field else ["--text_field", args.text_field]
+    field = (["--messages_field", args.messages_field] if args.messages_field
+             else ["--dataset_text_field", args.dataset_text_field])
     results: dict[str, dict] = {}
 
     def accuracies(run: dict) -> dict[str, float]:
         table = metric_rows(run)
         return {t: table[(t, "acc")][0] for t in tasks if (t, "acc") in table}
 
-    with tempfile.TemporaryDirectory(prefix="sidekit-effect-") as scratch:
-        model_args = ModelArguments(model_name_or_path=args.model)
-        base = evaluate_models(model_args, EvaluateArguments(output_dir=os.path.join(args.output_dir, "eval_base"),
-                                                             tasks=args.tasks, limit=args.limit), scratch)
-        results["base"] = {"acc": accuracies(base["runs"]["base"]), "rows": 0, "clean_share": None}
-        for name, subset in parts.items():
-            data = os.path.join(args.output_dir, f"{name}.jsonl")
-            write_jsonl(subset, data)
-            out = os.path.join(args.output_dir, name)
-            train_target.main([args.recipe, "--model_name_or_path", args.model, "--train_file", data, *field,
-                               "--validation_file", args.heldout, "--output_dir", out, "--max_steps",
-                               str(args.max_steps), "--seed", str(args.seed), "--eval_strategy", "no",
-                               "--save_strategy", "no", "--report_to", "none"])
-            state = json.load(open(os.path.join(out, "trainer_state.json"), encoding="utf-8"))
-            loss = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h][-1]
-            ev = evaluate_models(model_args, EvaluateArguments(output_dir=os.path.join(out, "eval"), adapter=out,
-                                                               skip_base=True, tasks=args.tasks, limit=args.limit),
-                                 scratch)
-            labels = [r.get("label") for r in subset if r.get("label") is not None]
-            results[name] = {"acc": accuracies(ev["runs"]["tuned"]), "heldout_loss": loss, "rows": len(subset),
-                             "clean_share": sum(int(v) for v in labels) / len(labels) if labels else None}
-            gc.collect()
+    base = evaluate(os.path.join(args.output_dir, "eval_base"))
+    results["base"] = {"acc": accuracies(base["runs"]["base"]), "rows": 0, "clean_share": None}
+    for name, subset in parts.items():
+        data = os.path.join(args.output_dir, f"{name}.jsonl")
+        write_jsonl(subset, data)
+        out = os.path.join(args.output_dir, name)
+        train_target.main([args.recipe, "--model_name_or_path", args.model, "--train_file", data, *field,
+                           "--validation_file", args.heldout, "--output_dir", out, "--overwrite_output_dir",
+                           "--max_steps", str(args.max_steps), "--seed", str(args.seed), "--eval_strategy", "no",
+                           "--save_strategy", "no", "--report_to", "none"])
+        state = json.load(open(os.path.join(out, "trainer_state.json"), encoding="utf-8"))
+        loss = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h][-1]
+        ev = evaluate(os.path.join(out, "eval"), "--adapter", out, "--skip_base")
+        labels = [r.get("label") for r in subset if r.get("label") is not None]
+        results[name] = {"acc": accuracies(ev["runs"]["tuned"]), "heldout_loss": loss, "rows": len(subset),
+                         "clean_share": sum(int(v) for v in labels) / len(labels) if labels else None}
+        gc.collect()
 
     print(f"\nselection effect: {args.ratio:.0%} subsets of {args.scored}, {args.max_steps} LoRA steps each, "
           f"lm-eval limit {args.limit}")

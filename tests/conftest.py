@@ -19,7 +19,7 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="session")
 def paragraphs():
-    from lib.pools import pydoc_paragraphs
+    from lib.selection.pools import pydoc_paragraphs
 
     return pydoc_paragraphs(min_chars=80, max_chars=300)
 
@@ -29,7 +29,7 @@ def pool_files(tmp_path_factory, paragraphs):
     """A small text pool (good rows only) and a labelled held-out file with corrupted rows."""
     import random
 
-    from lib.data import corrupt_text
+    from lib.selection.corruptions import corrupt_text
 
     d = tmp_path_factory.mktemp("pool")
     train = write_jsonl(d / "train.jsonl", [{"text": p} for p in paragraphs[:48]])

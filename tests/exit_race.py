@@ -39,6 +39,6 @@ if __name__ == "__main__":
         main(sys.argv[1:])
         dist.destroy_process_group()
     else:
-        from lib.errors import run_main
+        from lib.core.errors import run_main
 
         run_main(main)

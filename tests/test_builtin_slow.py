@@ -9,7 +9,9 @@ from safetensors import safe_open
 
 import select_data
 import train_router
-from lib.models.loading import load_model, load_tokenizer, resolve_model_path, upcycle_to_moe
+from lib.models.builtin import resolve_model_path
+from lib.models.loading import load_model, load_tokenizer
+from lib.models.upcycling import upcycle_to_moe
 
 pytestmark = pytest.mark.slow
 SMOL = "builtin:smollm2-135m-instruct"

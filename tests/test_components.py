@@ -1,11 +1,21 @@
 import logging
 
 import pytest
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
-from lib.callbacks import SafeCallback, ScheduleCallback, parse_schedules, schedule_value
-from lib.errors import UserError
-from lib.registry import Registry, resolve_attn_implementation
+from lib.core.callbacks import (
+    SafeCallback,
+    ScheduleCallback,
+    parse_schedules,
+    schedule_value,
+)
+from lib.core.errors import UserError
+from lib.core.registry import Registry, resolve_attn_implementation
 
 
 def test_registry_falls_back_with_a_warning(caplog):
@@ -21,13 +31,19 @@ def test_registry_falls_back_with_a_warning(caplog):
         reg.get("turbo")
 
 
-def test_attention_chain_on_cpu_skips_flash_attention():
+def test_attention_is_checked_against_the_machine_and_the_model_class_up_front():
     import torch
 
-    chain = resolve_attn_implementation("flash_attention_2")
+    class NoSdpa:
+        _supports_sdpa = False
+        _supports_flash_attn = True
+
     if not torch.cuda.is_available():
-        assert chain == ["sdpa", "eager"]
-    assert resolve_attn_implementation(None) == [None]
+        assert resolve_attn_implementation("flash_attention_2") == "sdpa"
+        assert resolve_attn_implementation("flash_attention_2", NoSdpa) == "eager"
+    assert resolve_attn_implementation("sdpa", NoSdpa) == "eager"
+    assert resolve_attn_implementation("eager", NoSdpa) == "eager"
+    assert resolve_attn_implementation(None) is None
 
 
 def test_schedules_anneal_and_switch():

@@ -4,18 +4,13 @@ import random
 
 import pytest
 
-from lib.args import DataArguments, ModelArguments, parse_args
-from lib.data import (
-    CORRUPTIONS,
-    DataError,
-    PadCollator,
-    check_fields,
-    collect_rows,
-    load_rows,
-    parse_label,
-    synthetic_negatives,
-)
-from lib.errors import UserError
+from lib.core.args import parse_args
+from lib.core.data import PadCollator, check_fields, load_rows, parse_label
+from lib.core.errors import DataError, UserError
+from lib.models.args import ModelArguments
+from lib.selection.args import RouterDataArguments as DataArguments
+from lib.selection.corruptions import CORRUPTIONS, synthetic_negatives
+from lib.selection.data import collect_rows
 from tests.conftest import ROOT, write_jsonl
 
 
@@ -123,11 +118,10 @@ def test_argument_validation_is_one_sentence():
 @pytest.mark.parametrize("recipe", sorted(f for f in os.listdir(os.path.join(ROOT, "recipes")) if f.endswith(".yaml")))
 def test_shipped_recipes_parse(recipe):
     """Every shipped recipe is complete and spelled right for the script it is named after."""
-    from lib.args import EncoderDataArguments, LoraArguments, ModelLoadArguments, SFTDataArguments
-    from lib.selection import SelectArguments
-    from lib.trainers.encoder import EncoderTrainingArguments
-    from lib.trainers.router import RouterTrainingArguments
-    from lib.trainers.target import TargetTrainingArguments
+    from lib.models.args import ModelLoadArguments
+    from lib.selection.args import RouterTrainingArguments, SelectArguments
+    from lib.sft.args import LoraArguments, SFTDataArguments, TargetTrainingArguments
+    from lib.tools.args import EncoderDataArguments, EncoderTrainingArguments
 
     script = {"train_router": (ModelArguments, DataArguments, RouterTrainingArguments),
               "select_data": (SelectArguments,),
@@ -139,7 +133,7 @@ def test_shipped_recipes_parse(recipe):
 
 
 def test_instruction_pools_are_disjoint_real_conversations():
-    from lib.pools import build_instruction_pools
+    from lib.selection.pools import build_instruction_pools
 
     pools = build_instruction_pools(40, 20, 40, 10, seed=0)
     assert [len(pools[k]) for k in ("router", "heldout", "candidates", "target_heldout")] == [40, 20, 40, 10]

@@ -1,5 +1,6 @@
 """2-process CPU runs: DDP (torchrun), DeepSpeed ZeRO-2 and ZeRO-3 (deepspeed launcher)."""
 
+import json
 import os
 import socket
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib.models.loading import resolve_model_path
+from lib.models.builtin import resolve_model_path
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.distributed
@@ -39,15 +40,19 @@ def launch(launcher, out_dir, train_file, *extra, model="builtin:tiny-mixtral", 
         "--model_name_or_path", model, "--train_file", train_file, "--output_dir", str(out_dir),
         "--synthetic_negatives", "--max_steps", "4", "--per_device_train_batch_size", "4",
         "--max_seq_length", "48", "--learning_rate", "5e-3", "--logging_steps", "1", "--report_to", "none",
-        "--save_strategy", "no", "--seed", "3", *extra])
+        "--save_strategy", "no", "--seed", "3", "--save_full_model", *extra])
 
 
 def check_only_routers_changed(out_dir, model):
+    """--save_full_model's checkpoint differs from the base model in the routers alone, and both processes trained
+    together: after 4 steps of 4 rows per process over 96 rows (48 good + 48 synthetic), 4 / 12 of an epoch."""
     before = load_file(os.path.join(resolve_model_path(model), "model.safetensors"))
     after = load_file(os.path.join(out_dir, "model.safetensors"))
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed and all(k.endswith(".gate.weight") and "shared" not in k for k in changed), changed
     assert len(changed) == 2  # one router per layer of the tiny models
+    state = json.load(open(os.path.join(out_dir, "trainer_state.json")))
+    assert state["epoch"] == pytest.approx(4 / 12), "the 2 processes did not train as one job"
     return load_file(os.path.join(out_dir, "trainable.safetensors"))
 
 
@@ -91,10 +96,10 @@ def test_zero3_fails_without_the_input_grad_fix(tmp_path, pool_files):
 
 def launch_target(launcher, out_dir, train_file, *extra):
     return run_launcher(launcher, "train_target.py", [
-        "--model_name_or_path", "builtin:tiny-llama", "--train_file", train_file, "--text_field", "text",
+        "--model_name_or_path", "builtin:tiny-llama", "--train_file", train_file, "--dataset_text_field", "text",
         "--output_dir", str(out_dir), "--use_peft", "--lora_r", "4", "--lora_dropout", "0", "--max_steps", "3",
         "--per_device_train_batch_size", "2", "--max_length", "64", "--learning_rate", "5e-3", "--logging_steps", "1",
-        "--report_to", "none", "--save_strategy", "no", "--seed", "3", "--gradient_checkpointing", "false", *extra])
+        "--report_to", "none", "--save_strategy", "no", "--seed", "3", "--activation_checkpointing", "false", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +107,21 @@ def ddp_adapter(tmp_path_factory, pool_files):
     out = tmp_path_factory.mktemp("ddp_lora")
     proc = launch_target("torchrun", out, pool_files["train"])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_two_processes_trained_as_one(out)
     return load_file(os.path.join(out, "adapter_model.safetensors"))
+
+
+def assert_two_processes_trained_as_one(out_dir):
+    # 3 steps of 2 rows per process over the 48 rows: 3 / 12 of an epoch (one process alone would be at 3 / 24).
+    state = json.load(open(os.path.join(out_dir, "trainer_state.json")))
+    assert state["epoch"] == pytest.approx(3 / 12), state["epoch"]
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_lora_target_deepspeed_matches_ddp(stage, tmp_path, pool_files, ddp_adapter):
     proc = launch_target("deepspeed", tmp_path, pool_files["train"], "--deepspeed", f"ds_configs/{stage}.json")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_two_processes_trained_as_one(tmp_path)
     adapter = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
     assert adapter.keys() == ddp_adapter.keys()
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())

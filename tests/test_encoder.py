@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import pretrain_encoder
-from lib.errors import UserError
-from lib.losses import residual_logits, tool_encoder_loss, tool_logits
-from lib.models.encoder import ToolEncoder, load_tools, resource_matrix
+from lib.core.errors import UserError
+from lib.tools.data import load_tools, resource_matrix
+from lib.tools.losses import residual_logits, tool_encoder_loss, tool_logits
+from lib.tools.modules import ToolEncoder
 from tests.conftest import ROOT, write_jsonl
 
 TOOLS = [
@@ -50,7 +51,7 @@ def encoder(d_resource=None, heads=4):
 
 
 def load_tools_from(tools):
-    from lib.models.encoder import Tool
+    from lib.tools.data import Tool
 
     return [Tool(t["name"], t["description"], {k: float(v) for k, v in t["resources"].items()}) for t in tools]
 
@@ -121,7 +122,7 @@ def run(tmp_path, *extra, out="enc", epochs="6"):
 def test_training_opens_the_gate_logs_and_caches_embeddings(tmp_path, monkeypatch):
     monkeypatch.setenv("SIDEKIT_CACHE", str(tmp_path / "cache"))
     calls = []
-    from lib.models import encoder as encoder_module
+    from lib.tools import embeddings as encoder_module
 
     real = encoder_module.embed_texts
 
@@ -183,7 +184,7 @@ def test_help():
 
 
 def test_example_tool_set_is_valid_and_its_query_files_are_current():
-    from lib.data import load_tool_queries
+    from lib.tools.data import load_tool_queries
 
     tools = load_tools(os.path.join(ROOT, "recipes", "tools", "tools.json"))
     assert len(tools) == 20 and all(t.resources for t in tools)

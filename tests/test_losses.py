@@ -3,8 +3,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lib.losses import causal_lm_loss, garbage_log_mass, load_balancing_loss, routing_entropy, routing_loss
-from lib.scoring import auroc, garbage_mass_per_token, row_garbage_mass
+from lib.selection.losses import (
+    causal_lm_loss,
+    garbage_log_mass,
+    load_balancing_loss,
+    routing_entropy,
+    routing_loss,
+)
+from lib.selection.scores import auroc, garbage_mass_per_token, row_garbage_mass
 
 
 def test_routing_loss_matches_hand_computed_bce():

@@ -1,10 +1,13 @@
 import pytest
 import torch
 
-from lib.errors import UserError
-from lib.freezing import freeze_all_but
-from lib.models.loading import TINY_ARCHS, load_model, resolve_model_path, upcycle_to_moe
-from lib.models.moe import ExpertSplit, RouterCapture, find_moe_routers, load_router_config, save_router_config
+from lib.core.errors import UserError
+from lib.core.freezing import freeze_all_but
+from lib.models.builtin import TINY_ARCHS, resolve_model_path
+from lib.models.loading import load_model
+from lib.models.moe import RouterCapture, find_moe_routers
+from lib.models.upcycling import upcycle_to_moe
+from lib.selection.split import ExpertSplit, load_router_config, save_router_config
 
 MOE_ARCHS = ["mixtral", "qwen3-moe", "qwen2-moe", "olmoe"]
 
@@ -102,14 +105,20 @@ def test_expert_split_by_index_probe_and_roundtrip(tmp_path):
     save_router_config(str(tmp_path), probe, routers, {"base_model": "x"})
     cfg = load_router_config(str(tmp_path))
     assert ExpertSplit.from_dict(cfg) == probe and cfg["router_modules"][0] == "model.layers.0.mlp.gate"
-    with pytest.raises(UserError, match="has no router_config.json"):
+    with pytest.raises(UserError, match="missing does not exist; check the path"):
         load_router_config(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no router_config.json"):
+        load_router_config(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "router_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="router_config.json is not valid JSON"):
+        load_router_config(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="strictly between 0 and 1"):
         ExpertSplit.by_index(routers, 1.0)
 
 
 def _router_grads(model, routers, detach):
-    from lib.losses import load_balancing_loss, routing_loss
+    from lib.selection.losses import load_balancing_loss, routing_loss
 
     model.zero_grad(set_to_none=True)
     x = torch.randint(0, 1000, (4, 16))
@@ -150,7 +159,7 @@ def test_builtin_models_build_on_any_rank_and_under_zero3(tmp_path, monkeypatch)
     import transformers.distributed.mixin as mixin
     from transformers.integrations import HfDeepSpeedConfig
 
-    from lib.models import loading
+    from lib.models import builtin as loading
 
     monkeypatch.setenv("SIDEKIT_CACHE", str(tmp_path))
     monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)

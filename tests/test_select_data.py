@@ -10,11 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import select_data
-from lib import selection
-from lib.errors import UserError
-from lib.models.loading import load_model, load_tokenizer, resolve_model_path
-from lib.models.moe import ExpertSplit, find_moe_routers, save_router_config
-from lib.scoring import BatchScorer
+from lib.core.errors import UserError
+from lib.models.builtin import resolve_model_path
+from lib.models.loading import load_model, load_tokenizer
+from lib.models.moe import find_moe_routers
+from lib.selection import shards
+from lib.selection.args import SelectArguments
+from lib.selection.outputs import select_indices
+from lib.selection.scorer import BatchScorer, length_batches
+from lib.selection.split import ExpertSplit, save_router_config
 from tests.conftest import ROOT, write_jsonl
 
 MOE_ARCHS = ["mixtral", "qwen3-moe", "qwen2-moe", "olmoe"]
@@ -157,19 +161,19 @@ def test_outputs_keep_every_row_and_field(tmp_path, pool):
 
 def test_selection_modes_and_ties():
     scores = [0.5, None, 0.9, 0.5, 0.1, 0.9, float("nan") if False else None]
-    args = selection.SelectArguments(router_model="m", data_file="d", output_dir="o", select_ratio=0.5)
-    assert selection.select_indices(scores, args, len(scores)) == [2, 5, 0, 3][: round(0.5 * 7)]
-    args = selection.SelectArguments(router_model="m", data_file="d", output_dir="o", select_top_k=10)
-    assert selection.select_indices(scores, args, len(scores)) == [2, 5, 0, 3, 4]
-    args = selection.SelectArguments(router_model="m", data_file="d", output_dir="o", score_threshold=0.5)
-    assert selection.select_indices(scores, args, len(scores)) == [2, 5, 0, 3]
-    assert selection.SelectArguments(router_model="m", data_file="d", output_dir="o").select_ratio == 0.3
+    args = SelectArguments(router_model="m", data_file="d", output_dir="o", select_ratio=0.5)
+    assert select_indices(scores, args, len(scores)) == [2, 5, 0, 3][: round(0.5 * 7)]
+    args = SelectArguments(router_model="m", data_file="d", output_dir="o", select_top_k=10)
+    assert select_indices(scores, args, len(scores)) == [2, 5, 0, 3, 4]
+    args = SelectArguments(router_model="m", data_file="d", output_dir="o", score_threshold=0.5)
+    assert select_indices(scores, args, len(scores)) == [2, 5, 0, 3]
+    assert SelectArguments(router_model="m", data_file="d", output_dir="o").select_ratio == 0.3
     with pytest.raises(UserError, match="Choose one selection mode"):
-        selection.SelectArguments(router_model="m", data_file="d", output_dir="o", select_ratio=0.2, select_top_k=3)
+        SelectArguments(router_model="m", data_file="d", output_dir="o", select_ratio=0.2, select_top_k=3)
     # Length batching: longest first, token budget respected, ties in input order.
-    batches = selection.length_batches([3, 10, 3, 7, 10], batch_size=2, max_batch_tokens=100)
+    batches = length_batches([3, 10, 3, 7, 10], batch_size=2, max_batch_tokens=100)
     assert batches == [[1, 4], [3, 0], [2]]
-    assert selection.length_batches([10, 10, 10], batch_size=8, max_batch_tokens=25) == [[0, 1], [2]]
+    assert length_batches([10, 10, 10], batch_size=8, max_batch_tokens=25) == [[0, 1], [2]]
 
 
 def test_resume_equals_uninterrupted(tmp_path, pool, monkeypatch):
@@ -177,7 +181,7 @@ def test_resume_equals_uninterrupted(tmp_path, pool, monkeypatch):
     common = ["--shard_size", "10", "--batch_size", "4"]
     full = select(tmp_path, ckpt, pool, *common, out="full")
 
-    real_write = selection.write_shard
+    real_write = shards.write_shard
     written = []
 
     def crash_after_two(path, start, rows):
@@ -186,7 +190,7 @@ def test_resume_equals_uninterrupted(tmp_path, pool, monkeypatch):
         written.append(path)
         real_write(path, start, rows)
 
-    monkeypatch.setattr(selection, "write_shard", crash_after_two)
+    monkeypatch.setattr(shards, "write_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         select(tmp_path, ckpt, pool, *common, out="resumed")
     assert not os.path.exists(tmp_path / "resumed" / "scored.jsonl")
@@ -196,7 +200,7 @@ def test_resume_equals_uninterrupted(tmp_path, pool, monkeypatch):
         select(tmp_path, ckpt, pool, "--shard_size", "10", "--batch_size", "8", "--resume", out="resumed")
 
     rescored = []
-    monkeypatch.setattr(selection, "write_shard", lambda path, start, rows: (rescored.append(start),
+    monkeypatch.setattr(shards, "write_shard", lambda path, start, rows: (rescored.append(start),
                                                                               real_write(path, start, rows)))
     select(tmp_path, ckpt, pool, *common, "--resume", out="resumed")
     assert rescored == [20, 30]  # the two finished shards were not scored again

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import train_target
-from lib.data import sft_example
-from lib.errors import UserError
-from lib.models.loading import load_model, load_tokenizer, resolve_model_path
+from lib.core.errors import UserError
+from lib.models.builtin import resolve_model_path
+from lib.models.loading import load_model, load_tokenizer
 from tests.conftest import ROOT, write_jsonl
 
 BASE = "builtin:tiny-llama"
@@ -36,25 +36,55 @@ def train(tmp_path, data, *extra, out="target"):
     train_target.main(["--model_name_or_path", BASE, "--train_file", data, "--output_dir", out_dir,
                        "--per_device_train_batch_size", "4", "--max_length", "96", "--learning_rate", "5e-3",
                        "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no", "--seed", "3",
-                       "--gradient_checkpointing", "false", *extra])
+                       "--activation_checkpointing", "false", *extra])
     return out_dir
 
 
-def test_loss_masks_cover_exactly_the_learnable_tokens():
+def collated_labels(tmp_path, rows, *flags):
+    """The first batch the real SFTTrainer would train on (its own collator), as (input_ids, labels) lists."""
+    from lib.core.args import parse_args
+    from lib.models.args import ModelLoadArguments
+    from lib.sft.args import LoraArguments, SFTDataArguments, TargetTrainingArguments
+    from lib.sft.data import prepare_sft_datasets
+    from lib.sft.trainer import TargetTrainer
+
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    _, data_args, _, args = parse_args(
+        (ModelLoadArguments, SFTDataArguments, LoraArguments, TargetTrainingArguments),
+        ["--model_name_or_path", BASE, "--train_file", data, "--output_dir", str(tmp_path / "o"), "--report_to",
+         "none", "--per_device_train_batch_size", str(len(rows)), *flags])
     tok = load_tokenizer(BASE)
+    train_ds, _ = prepare_sft_datasets(data_args, args, tok)
+    trainer = TargetTrainer(model=load_model(BASE), args=args, train_dataset=train_ds, processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    return tok, batch["input_ids"].tolist(), batch["labels"].tolist()
+
+
+def learned_text(tok, ids, labels):
+    return tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab != -100])
+
+
+def test_sft_trainer_batches_learn_exactly_the_assistant_turns_and_completions(tmp_path):
     messages = [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A sequence."},
                 {"role": "user", "content": "And a tuple?"}, {"role": "assistant", "content": "An immutable one."}]
-    ex = sft_example({"m": messages}, tok, text_field="text", messages_field="m", prompt_field=None,
-                     completion_field="completion", max_length=512, source="f", index=0)
-    learned = tok.decode([t for t, m in zip(ex["input_ids"], ex["assistant_masks"], strict=True) if m])
-    assert learned == "A sequence.<|im_end|>\nAn immutable one.<|im_end|>\n"
-    ex = sft_example({"p": "Q: 2+2?\nA:", "c": " 4"}, tok, text_field="text", messages_field=None, prompt_field="p",
-                     completion_field="c", max_length=512, source="f", index=0)
-    learned = tok.decode([t for t, m in zip(ex["input_ids"], ex["assistant_masks"], strict=True) if m])
-    assert learned == " 4" + tok.eos_token
+    tok, ids, labels = collated_labels(tmp_path, [{"m": messages}], "--messages_field", "m")
+    assert learned_text(tok, ids[0], labels[0]) == "A sequence.<|im_end|>\nAn immutable one.<|im_end|>\n"
+    # Every user-turn token is -100.
+    user_part = tok.apply_chat_template(messages[:1], tokenize=False)
+    n_user = len(tok(user_part, add_special_tokens=False)["input_ids"])
+    assert all(lab == -100 for lab in labels[0][:n_user])
+    # Prompt/completion rows go to TRL untokenised: its completion_only_loss masks the prompt, its EOS ends the row.
+    tok, ids, labels = collated_labels(tmp_path, [{"p": "Q: 2+2?\nA:", "c": " 4"}], "--prompt_field", "p",
+                                       "--completion_field", "c")
+    assert learned_text(tok, ids[0], labels[0]) == " 4" + tok.eos_token
+    # Plain text rows learn every token (and TRL's EOS).
+    tok, ids, labels = collated_labels(tmp_path, [{"body": "Lists are mutable."}], "--dataset_text_field", "body")
+    assert learned_text(tok, ids[0], labels[0]).endswith("Lists are mutable." + tok.eos_token)
     with pytest.raises(UserError, match="row 0: field 'm' has no assistant turn"):
-        sft_example({"m": messages[:1]}, tok, text_field="text", messages_field="m", prompt_field=None,
-                    completion_field="completion", max_length=512, source="f", index=0)
+        collated_labels(tmp_path, [{"m": messages[:1]}], "--messages_field", "m")
+    with pytest.raises(UserError, match="--assistant_only_loss applies to chat rows"):
+        collated_labels(tmp_path, [{"p": "Q", "c": "A"}], "--prompt_field", "p", "--completion_field", "c",
+                        "--assistant_only_loss")
 
 
 def test_lora_adapter_trains_saves_reloads_and_merges(tmp_path, paragraphs):
@@ -121,7 +151,7 @@ def test_text_rows_full_fine_tune_and_bad_inputs(tmp_path, paragraphs):
 
 
 def test_evaluate_equals_the_lm_eval_command_line(tmp_path):
-    from lib.evaluation import build_task_pack
+    from lib.eval.pack import build_task_pack
 
     evaluate = load_evaluate_script()
     model_dir = resolve_model_path(BASE)

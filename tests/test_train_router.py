@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_router
-from lib.errors import UserError
-from lib.models.loading import resolve_model_path
+from lib.core.errors import UserError
+from lib.models.builtin import resolve_model_path
 from tests.conftest import ROOT, write_jsonl
 
 
@@ -26,9 +26,14 @@ def weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
-def test_only_routers_change_and_checkpoints_are_complete(tmp_path, pool_files):
+def folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def test_only_routers_change_and_checkpoints_hold_only_what_trained(tmp_path, pool_files):
     out = run(tmp_path, pool_files["train"], "--synthetic_negatives", "--num_train_epochs", "2",
-              "--validation_file", pool_files["val"], "--eval_strategy", "epoch")
+              "--validation_file", pool_files["val"], "--eval_strategy", "epoch", "--save_full_model")
+    # --save_full_model: a complete transformers checkpoint in which only the routers differ from the base model.
     before = weights(resolve_model_path("builtin:tiny-mixtral"))
     after = weights(out)
     assert before.keys() == after.keys()
@@ -36,19 +41,30 @@ def test_only_routers_change_and_checkpoints_are_complete(tmp_path, pool_files):
     # Mixtral checkpoints keep the hub's on-disk name (block_sparse_moe) for what is mlp.gate in memory.
     assert changed == [f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)]
     assert all(after[k].dtype == torch.float32 for k in changed)
-    # One checkpoint per epoch, each loadable by select_data.py: full model + router_config.json.
+    # Epoch checkpoints: the trained routers, router_config.json and the optimizer state, no backbone weights.
     ckpts = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))
     assert len(ckpts) == 2
     for c in ckpts:
-        cfg = json.load(open(os.path.join(out, c, "router_config.json")))
+        folder = os.path.join(out, c)
+        cfg = json.load(open(os.path.join(folder, "router_config.json")))
         assert cfg["garbage_experts"] == {"0": [3], "1": [3]} and cfg["num_experts"] == 4
-        assert os.path.exists(os.path.join(out, c, "model.safetensors"))
+        assert cfg["base_model"] == "builtin:tiny-mixtral" and cfg["base_model_fingerprint"].startswith("sha256:")
+        assert not any(f.startswith("model") and f.endswith(".safetensors") for f in os.listdir(folder))
+        trained = load_file(os.path.join(folder, "trainable.safetensors"))
+        assert sorted(trained) == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
+        assert os.path.exists(os.path.join(folder, "optimizer.pt"))
+    assert folder_bytes(os.path.join(out, ckpts[0])) < os.path.getsize(os.path.join(out, "model.safetensors"))
     state = json.load(open(os.path.join(out, "trainer_state.json")))
     keys = set().union(*state["log_history"])
     for name in ["router/entropy", "router/garbage_mass_good", "router/garbage_mass_bad", "loss/lm",
                  "loss/route", "loss/aux", "eval_router/auroc"]:
         assert name in keys, name
     assert "held-out AUROC" in open(os.path.join(out, "README.md")).read()
+    # The final routers differ from their initial values, layer by layer.
+    final = load_file(os.path.join(out, "trainable.safetensors"))
+    for i in range(2):
+        initial = before[f"model.layers.{i}.block_sparse_moe.gate.weight"]
+        assert not torch.allclose(final[f"model.layers.{i}.mlp.gate.weight"], initial, atol=1e-4)
 
 
 def test_resume_equals_uninterrupted(tmp_path, pool_files):
@@ -57,8 +73,9 @@ def test_resume_equals_uninterrupted(tmp_path, pool_files):
     first = sorted((d for d in os.listdir(full) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))[0]
     resumed = run(tmp_path, pool_files["train"], *common, "--resume_from_checkpoint",
                   os.path.join(full, first), out="resumed")
-    a, b = weights(full), weights(resumed)
-    for k in (f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)):
+    a = load_file(os.path.join(full, "trainable.safetensors"))
+    b = load_file(os.path.join(resumed, "trainable.safetensors"))
+    for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-7), k
     la = [h["loss"] for h in json.load(open(os.path.join(full, "trainer_state.json")))["log_history"] if "loss" in h]
     lb = [h["loss"] for h in json.load(open(os.path.join(resumed, "trainer_state.json")))["log_history"] if "loss" in h]
@@ -82,11 +99,18 @@ def test_chat_rows_labels_and_probe_selection(tmp_path, paragraphs):
 def test_upcycled_dense_model_trains(tmp_path, pool_files):
     out = run(tmp_path, pool_files["train"], "--synthetic_negatives", "--max_steps", "2",
               "--upcycle_experts", "4", "--upcycle_top_k", "2", model="builtin:tiny-qwen3")
-    from transformers import AutoConfig
+    cfg = json.load(open(os.path.join(out, "router_config.json")))
+    assert cfg["upcycle"] == {"num_experts": 4, "top_k": 2, "noise": 0.0, "seed": 0}
+    # select_data.py rebuilds the model: the base model, upcycled the same way, with the trained routers.
+    from lib.selection.checkpoint import load_scoring_model
 
-    cfg = AutoConfig.from_pretrained(out)
-    assert cfg.model_type == "qwen3_moe" and cfg.num_experts == 4
-    assert json.load(open(os.path.join(out, "router_config.json")))["upcycled"]["num_experts"] == 4
+    scoring = load_scoring_model(out, want_router=True, dtype="float32", attn_implementation=None,
+                                 experts_implementation=None, revision=None, trust_remote_code=False,
+                                 device=torch.device("cpu"))
+    assert scoring.model.config.model_type == "qwen3_moe" and scoring.model.config.num_experts == 4
+    trained = load_file(os.path.join(out, "trainable.safetensors"))
+    params = dict(scoring.model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in trained.items())
 
 
 def test_bad_inputs_give_one_sentence(tmp_path, pool_files):
@@ -114,7 +138,7 @@ def test_cli_prints_one_line_for_user_errors(tmp_path, pool_files):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["train_router.py", "benchmarks/bench_router.py", "-m lib.pools"])
+@pytest.mark.parametrize("script", ["train_router.py", "benchmarks/bench_router.py", "-m lib.selection.pools"])
 def test_help_is_fast_and_complete(script):
     proc = subprocess.run([sys.executable, *script.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
@@ -126,8 +150,10 @@ def test_local_router_gradient_trains_and_validates(tmp_path, pool_files):
     out = run(tmp_path, pool_files["train"], "--synthetic_negatives", "--max_steps", "3",
               "--router_gradient", "local", "--lm_loss_coef", "0")
     before = weights(resolve_model_path("builtin:tiny-mixtral"))
-    after = weights(out)
-    assert sorted(k for k in before if not torch.equal(before[k], after[k])) == [
-        f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)]
+    trained = load_file(os.path.join(out, "trainable.safetensors"))
+    assert sorted(trained) == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
+    for i in range(2):
+        assert not torch.equal(trained[f"model.layers.{i}.mlp.gate.weight"],
+                               before[f"model.layers.{i}.block_sparse_moe.gate.weight"])
     with pytest.raises(UserError, match="--router_gradient local .* set --lm_loss_coef 0"):
         run(tmp_path, pool_files["train"], "--synthetic_negatives", "--router_gradient", "local", out="o2")

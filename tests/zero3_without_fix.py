@@ -5,6 +5,7 @@ import sys
 
 import deepspeed
 
+import lib.models.deepspeed as ds_glue
 import lib.models.moe as moe
 
 
@@ -14,7 +15,7 @@ def leaf_modules_only(model):
         deepspeed.utils.set_z3_leaf_modules(model, classes)
 
 
-moe.prepare_moe_for_zero3 = leaf_modules_only
+ds_glue.prepare_moe_for_zero3 = leaf_modules_only
 
 if __name__ == "__main__":
     import train_router

@@ -1,17 +1,19 @@
-"""MoE routers: finding them, capturing their logits, and splitting experts into quality and garbage bins."""
+"""MoE routers: finding them in any supported family, capturing their logits, keeping them in fp32."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from lib.errors import UserError
-from lib.registry import ROUTERS
+from lib.core.errors import UserError
+from lib.core.registry import Registry
+
+# Router kinds train_router.py trains, by name (--router_type). Each entry finds the router modules of a loaded
+# model; the explicit-memory pipeline registers its MemoryGate here.
+ROUTERS = Registry("router type")
 
 # Softmax top-k routers of the MoE families we support; their forward returns (logits, scores, indices).
 ROUTER_CLASSES = frozenset({
@@ -20,6 +22,7 @@ ROUTER_CLASSES = frozenset({
     "Qwen3MoeTopKRouter",
     "OlmoeTopKRouter",
 })
+
 # The block that owns a router and its experts; DeepSpeed ZeRO-3 must treat it as one leaf module.
 MOE_BLOCK_CLASSES = frozenset({
     "MixtralSparseMoeBlock",
@@ -27,6 +30,8 @@ MOE_BLOCK_CLASSES = frozenset({
     "Qwen3MoeSparseMoeBlock",
     "OlmoeSparseMoeBlock",
 })
+
+
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -149,123 +154,6 @@ def keep_routers_fp32(routers: list[RouterInfo]) -> None:
         )
 
 
-def prepare_moe_for_zero3(model: nn.Module) -> None:
-    """Make MoE models with frozen parts (router-only training) trainable under DeepSpeed ZeRO-3.
-
-    Call after freezing and before training. Two things are needed:
-
-    1. MoE blocks must be ZeRO-3 *leaf* modules (their experts are fetched as one unit; otherwise the
-       data-dependent expert loop hangs or fails). DeepSpeed does this by default only for some families.
-    2. DeepSpeed reduces the gradients of trainable parameters inside a leaf in a module *full backward
-       hook*, which first sets ``param.grad = zeros_like(param)``. PyTorch fires a full backward hook as soon
-       as the gradient w.r.t. the module's *outputs* exists when none of its inputs requires grad. With the
-       backbone frozen, the first MoE block's input does not require grad, so the hook runs before ZeRO has
-       re-gathered the block's weights: the router's ``.grad`` becomes an empty placeholder-shaped tensor and
-       accumulating the real gradient fails ("The size of tensor a (0) must match the size of tensor b").
-       Full fine-tuning never sees this because every block input requires grad there.
-
-    The fix makes the leaf block's hidden-state input require grad (a detached copy, so no gradient flows
-    into the frozen layers below), which makes PyTorch hold the hook until the block's backward is done.
-    """
-    import deepspeed
-    from deepspeed.utils import z3_leaf_module
-
-    classes = moe_block_classes(model)
-    if not classes:
-        return
-    deepspeed.utils.set_z3_leaf_modules(model, classes)
-
-    def input_requires_grad(module, args, kwargs):
-        if not torch.is_grad_enabled() or not z3_leaf_module(module):
-            return None
-        if any(torch.is_tensor(a) and a.requires_grad for a in args):
-            return None
-        for i, a in enumerate(args):
-            if torch.is_tensor(a) and a.is_floating_point():
-                # clone() keeps it a non-leaf, so in-place ops on it (router jitter) stay legal.
-                return args[:i] + (a.detach().requires_grad_(True).clone(),) + args[i + 1:], kwargs
-        return None
-
-    for module in model.modules():
-        if type(module) in classes and any(p.requires_grad for p in module.parameters()):
-            if not getattr(module, "_sidekit_zero3_hook", False):
-                module.register_forward_pre_hook(input_requires_grad, prepend=True, with_kwargs=True)
-                module._sidekit_zero3_hook = True
-
-
-# --------------------------------------------------------------------------------------------------
-# Expert split
-# --------------------------------------------------------------------------------------------------
-
-ROUTER_CONFIG_NAME = "router_config.json"
-ROUTER_CONFIG_VERSION = 1
-
-
-def num_garbage_experts(num_experts: int, ratio: float) -> int:
-    """How many experts form the garbage bin: round(ratio * E), at least 1 and at most E - 1."""
-    if not 0 < ratio < 1:
-        raise UserError(f"--garbage_expert_ratio must be strictly between 0 and 1, got {ratio}.")
-    return min(num_experts - 1, max(1, round(ratio * num_experts)))
-
-
-@dataclass
-class ExpertSplit:
-    """Which experts of each router layer are garbage bins; the rest are quality experts."""
-
-    num_experts: int
-    top_k: int
-    garbage_experts: dict[int, list[int]]  # layer index -> sorted expert ids
-    method: str = "index"
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.garbage_experts)
-
-    def masks(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        """One boolean ``(num_experts,)`` mask per router layer, True for garbage experts."""
-        out = []
-        for layer in self.layers:
-            mask = torch.zeros(self.num_experts, dtype=torch.bool, device=device)
-            mask[self.garbage_experts[layer]] = True
-            out.append(mask)
-        return out
-
-    @classmethod
-    def by_index(cls, routers: list[RouterInfo], ratio: float) -> "ExpertSplit":
-        """The last ``round(ratio * E)`` experts of every layer are the garbage bin."""
-        e = routers[0].num_experts
-        n = num_garbage_experts(e, ratio)
-        return cls(e, routers[0].top_k, {r.layer: list(range(e - n, e)) for r in routers}, "index")
-
-    @classmethod
-    def by_probe(cls, routers: list[RouterInfo], ratio: float, garbage_share: torch.Tensor,
-                 good_share: torch.Tensor | None) -> "ExpertSplit":
-        """Per layer, the experts that garbage tokens are routed to most (ESFT-style affinity).
-
-        ``garbage_share`` / ``good_share``: ``(layers, E)`` share of top-k slots each expert receives from
-        garbage / good probe tokens. Ranking by the difference picks experts that garbage prefers *more than*
-        good text does; ties go to the lower expert id so the split is deterministic.
-        """
-        e = routers[0].num_experts
-        n = num_garbage_experts(e, ratio)
-        affinity = garbage_share - (good_share if good_share is not None else 0)
-        split = {}
-        for i, router in enumerate(routers):
-            order = sorted(range(e), key=lambda j: (-float(affinity[i, j]), j))
-            split[router.layer] = sorted(order[:n])
-        return cls(e, routers[0].top_k, split, "probe")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["garbage_experts"] = {str(k): v for k, v in self.garbage_experts.items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ExpertSplit":
-        return cls(d["num_experts"], d["top_k"], {int(k): list(v) for k, v in d["garbage_experts"].items()},
-                   d.get("method", "index"))
-
-
 def check_uniform_routers(routers: list[RouterInfo]) -> None:
     sizes = {(r.num_experts, r.top_k) for r in routers}
     if len(sizes) != 1:
@@ -273,42 +161,3 @@ def check_uniform_routers(routers: list[RouterInfo]) -> None:
     if routers[0].num_experts < 2:
         raise UserError("An MoE router needs at least 2 experts.")
 
-
-def save_router_config(output_dir: str, split: ExpertSplit, routers: list[RouterInfo], extra: dict) -> str:
-    """Write ``router_config.json`` (atomically) next to a checkpoint: what select_data.py needs to score."""
-    payload = {
-        "format_version": ROUTER_CONFIG_VERSION,
-        "router_type": "moe",
-        "router_modules": [r.name for r in routers],
-        "router_layers": [r.layer for r in routers],
-        **split.to_dict(),
-        **extra,
-    }
-    from lib.files import write_json
-
-    path = os.path.join(output_dir, ROUTER_CONFIG_NAME)
-    write_json(path, payload)
-    return path
-
-
-def find_router_config(checkpoint: str, revision: str | None = None) -> str | None:
-    """Local path of a checkpoint's ``router_config.json`` (a folder, or a hub repo it is downloaded from)."""
-    if os.path.isdir(checkpoint):
-        path = os.path.join(checkpoint, ROUTER_CONFIG_NAME)
-        return path if os.path.exists(path) else None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(checkpoint, ROUTER_CONFIG_NAME, revision=revision)
-    except Exception:  # noqa: BLE001 - not a hub repo, no such file, or offline: all mean "none found"
-        return None
-
-
-def load_router_config(checkpoint_dir: str, revision: str | None = None) -> dict:
-    path = find_router_config(checkpoint_dir, revision)
-    if path is None:
-        raise UserError(
-            f"{checkpoint_dir} has no {ROUTER_CONFIG_NAME}; point to a checkpoint written by train_router.py."
-        )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -4,9 +4,15 @@ records that go into those files."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import importlib.metadata
 import json
 import os
+import shutil
 from typing import Any, Iterator
+
+import pyarrow.parquet as pq
 
 
 @contextlib.contextmanager
@@ -33,8 +39,6 @@ def write_json(path: str, payload: Any) -> None:
 
 def write_table(table, path: str, fmt: str) -> None:
     """Write a ``pyarrow.Table`` as parquet or JSON lines (full float precision, nested values as JSON)."""
-    import pyarrow.parquet as pq
-
     with atomic_path(path) as tmp:
         if fmt == "parquet":
             pq.write_table(table, tmp)
@@ -47,12 +51,44 @@ def write_table(table, path: str, fmt: str) -> None:
 
 def package_versions(packages: tuple[str, ...]) -> dict[str, str]:
     """Installed versions of ``packages`` (the ones not installed are left out), for results and summaries."""
-    import importlib.metadata as md
-
     out = {}
     for pkg in packages:
         try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
             pass
     return out
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def replace_dir(new: str, target: str) -> None:
+    """Put the folder ``new`` at ``target``, replacing what is there, with no moment where ``target`` is missing.
+
+    On Linux the two folders are swapped in one step and the old one is then removed. Elsewhere the old folder is
+    first renamed aside (a moment without ``target`` remains there).
+    """
+    if not os.path.exists(target):
+        os.replace(new, target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new)
+        return
+    aside = f"{target}.old-{os.getpid()}"
+    os.replace(target, aside)
+    os.replace(new, target)
+    shutil.rmtree(aside)

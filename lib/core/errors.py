@@ -18,6 +18,10 @@ class UserError(ValueError):
     """Something the user can fix (a flag, a file, a field); the message says what, where and how."""
 
 
+class DataError(UserError):
+    """A problem with the user's data, phrased as one actionable sentence."""
+
+
 def launched_rank() -> int:
     """This process's global rank as the launcher (torchrun, deepspeed, accelerate) set it; 0 when not launched."""
     return int(os.environ.get("RANK", "0"))

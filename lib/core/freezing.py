@@ -10,7 +10,7 @@ from typing import Iterable
 
 from torch import nn
 
-from lib.errors import UserError
+from lib.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

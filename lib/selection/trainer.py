@@ -5,81 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainerCallback
 
-from lib.errors import UserError
-from lib.files import atomic_path
-from lib.losses import causal_lm_loss, load_balancing_loss, routing_entropy, routing_loss
-from lib.models.moe import (
+from lib.core.cards import write_model_card
+from lib.core.errors import UserError
+from lib.core.trainer import FrozenBackboneTrainer
+from lib.models.moe import RouterCapture, RouterInfo
+from lib.selection.losses import (
+    causal_lm_loss,
+    load_balancing_loss,
+    routing_entropy,
+    routing_loss,
+)
+from lib.selection.scores import auroc, garbage_mass_per_token, row_garbage_mass
+from lib.selection.split import (
     ROUTER_CONFIG_NAME,
     ExpertSplit,
-    RouterCapture,
-    RouterInfo,
     load_router_config,
     save_router_config,
 )
-from lib.scoring import auroc, garbage_mass_per_token, row_garbage_mass
-from lib.trainers.base import FrozenBackboneTrainer, FrozenBackboneTrainingArguments
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RouterTrainingArguments(FrozenBackboneTrainingArguments):
-    router_type: str = field(default="moe", metadata={"help": "Which routers to train.", "choices": ["moe"]})
-    garbage_expert_ratio: float = field(
-        default=0.25, metadata={"help": "Share of each layer's experts that form the garbage bin."}
-    )
-    garbage_selection: str = field(
-        default="index",
-        metadata={"help": "index: the last experts; probe: the experts garbage probe rows are routed to most.",
-                  "choices": ["index", "probe"]},
-    )
-    probe_samples: int = field(default=64, metadata={"help": "Garbage and good rows each used by garbage_selection=probe."})
-    router_gradient: str = field(
-        default="full",
-        metadata={"help": "full: exact gradients through the network (LM term included). local: each router "
-                          "learns from its own logits only (routing + balancing losses), about 3x faster with no "
-                          "activations kept; exact for freshly upcycled identical experts, an approximation "
-                          "otherwise. Needs --lm_loss_coef 0; not available under ZeRO-3.",
-                  "choices": ["full", "local"]},
-    )
-    lm_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the LM loss on good rows."})
-    route_loss_coef: float = field(default=1.0, metadata={"help": "Weight of the garbage-routing loss."})
-    aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
-    schedule: str | None = field(
-        default=None,
-        metadata={"help": "JSON list (or YAML list in a recipe) annealing/switching lm_loss_coef, "
-                          "route_loss_coef or aux_loss_coef by epoch; see lib/callbacks.py."},
-    )
-    learning_rate: float = field(
-        default=1e-3, metadata={"help": "Routers are small and often freshly initialised: a high rate suits them."}
-    )
-    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
-    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch by default."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the quality column."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 < self.garbage_expert_ratio < 1:
-            raise UserError(f"--garbage_expert_ratio must be strictly between 0 and 1, got {self.garbage_expert_ratio}.")
-        for name in ("lm_loss_coef", "route_loss_coef", "aux_loss_coef"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        if self.router_gradient == "local":
-            if self.lm_loss_coef > 0:
-                raise UserError("--router_gradient local trains routers through the routing losses only, so the LM "
-                                "term cannot reach them; set --lm_loss_coef 0 or use --router_gradient full.")
-            ds_config = getattr(self, "hf_deepspeed_config", None)
-            if ds_config is not None and ds_config.is_zero3():
-                raise UserError("--router_gradient local is not available under ZeRO-3 (DeepSpeed reduces router "
-                                "gradients with a backward hook of the MoE block, which local gradients bypass); "
-                                "use --router_gradient full or ZeRO-2.")
-        if self.probe_samples < 1:
-            raise UserError(f"--probe_samples must be at least 1, got {self.probe_samples}.")
 
 
 class _ProbeCallback(TrainerCallback):
@@ -120,13 +68,7 @@ class RouterTrainer(FrozenBackboneTrainer):
 
     # ---------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, **kwargs):
-        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise UserError(f"--resume_from_checkpoint: no checkpoint found in {self.args.output_dir}.")
-        if resume_from_checkpoint and os.path.exists(os.path.join(resume_from_checkpoint, ROUTER_CONFIG_NAME)):
+        if isinstance(resume_from_checkpoint, str) and os.path.exists(os.path.join(resume_from_checkpoint, ROUTER_CONFIG_NAME)):
             # A probe split was computed on the untrained routers: reuse it, never recompute it mid-run.
             self.split = ExpertSplit.from_dict(load_router_config(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -211,9 +153,7 @@ class RouterTrainer(FrozenBackboneTrainer):
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------------
-    def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, state_dict=state_dict)
-        output_dir = output_dir or self.args.output_dir
+    def save_component_files(self, output_dir: str) -> None:
         if self.split is not None:
             save_router_config(output_dir, self.split, self.routers, {
                 "garbage_expert_ratio": self.args.garbage_expert_ratio,
@@ -231,32 +171,29 @@ class RouterTrainer(FrozenBackboneTrainer):
         last_eval = next((h for h in reversed(self.state.log_history) if "eval_router/auroc" in h), None)
         split = json.dumps(self.split.garbage_experts) if self.split else "computed at train start"
         lines = [
-            "---",
-            "library_name: transformers",
-            "tags: [sidekit, moe-router, data-selection]",
-            *([f"base_model: {base}"] if base and not base.startswith("builtin:") else []),
-            "---",
-            "",
-            f"# MoE routers trained for data selection on {base or 'an MoE model'}",
-            "",
             "Only the router weights were trained (everything else frozen) so that routing separates good rows",
             "from garbage: garbage rows are pushed onto the garbage-bin experts, good rows away from them.",
-            "Score data with `select_data.py --router_model <this folder>`.",
+            "Score data with `select_data.py --router_model <this folder>`: it rebuilds the model from the base model",
+            "(upcycled as below) and the trained routers in `trainable.safetensors`.",
             "",
-            f"- upcycled: {json.dumps(extra.get('upcycled')) if extra.get('upcycled') else 'no'}",
+            f"- base model: `{base}`" + (f" (revision {extra['base_model_revision']})"
+                                         if extra.get("base_model_revision") else ""),
+            f"- upcycled: {json.dumps(extra.get('upcycle')) if extra.get('upcycle') else 'no'}",
             f"- garbage-bin experts per layer ({self.args.garbage_selection}): {split}",
             f"- loss coefficients: lm {self.args.lm_loss_coef}, route {self.args.route_loss_coef}, "
-            f"aux {self.args.aux_loss_coef}",
+            f"aux {self.args.aux_loss_coef}; router gradients: {self.args.router_gradient}",
             f"- epochs {self.args.num_train_epochs}, learning rate {self.args.learning_rate}, "
             f"batch {self.args.per_device_train_batch_size} per device, seed {self.args.seed}",
         ]
         if last_eval:
             lines.append(f"- held-out AUROC of the garbage mass: {last_eval['eval_router/auroc']:.4f}")
-        with atomic_path(os.path.join(output_dir, "README.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+        write_model_card(output_dir, title=f"MoE routers trained for data selection on {base or 'an MoE model'}",
+                         lines=lines, library_name="transformers", tags=["sidekit", "moe-router", "data-selection"],
+                         base_model=base)
 
 
 def router_metrics(eval_pred) -> dict[str, float]:
     """``compute_metrics`` for RouterTrainer: AUROC of the quality score (1 - garbage mass) for good rows."""
     row_mass, quality = eval_pred.predictions, eval_pred.label_ids
     return {"router/auroc": auroc(1.0 - row_mass, quality == 1)}
+

@@ -1,0 +1,283 @@
+"""The frozen-backbone Trainer and what every trainer script shares: arguments that work on CPU-only machines under
+torchrun and DeepSpeed, an output folder that never mixes two runs, held-out data checked before any model loads,
+per-batch losses and extra metrics through the Trainer's log path."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import deepspeed
+import torch
+from accelerate.utils import DeepSpeedSchedulerWrapper
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer import SCHEDULER_NAME
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+
+from lib.core.args import given_settings, resume_argument
+from lib.core.errors import UserError
+from lib.core.files import atomic_path
+
+logger = logging.getLogger(__name__)
+
+# The trained components of a checkpoint, under their in-memory parameter names.
+TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
+# What a trainer script writes into --output_dir; --overwrite_output_dir removes exactly these.
+RUN_OUTPUTS = ("checkpoint-*", "metrics.jsonl", "merged", "runs", "README.md", "*.safetensors", "*.json", "*.bin",
+               "*.jinja", "*.txt", "*.model", ".sidekit-*")
+
+
+def adapt_to_cpu_only_machines(args: TrainingArguments) -> None:
+    """Settings that make any TrainingArguments work on CPU-only machines under torchrun and DeepSpeed.
+
+    Call at the start of ``__post_init__``, before TrainingArguments sets up the distributed state.
+    """
+    if not torch.cuda.is_available():
+        # Pinned memory only helps host-to-GPU copies; on CPU it just warns.
+        args.dataloader_pin_memory = False
+        if args.deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Without use_cpu, a CPU-only launch is not recognised as distributed: every process would
+            # silently train alone (torchrun) or DeepSpeed would count the wrong number of processes.
+            args.use_cpu = True
+
+
+@dataclass
+class RunArguments:
+    """Settings every trainer script adds to the Trainer's own."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an earlier run's outputs in --output_dir (a non-empty folder is "
+                                         "refused otherwise, unless resuming)."}
+    )
+    callbacks: list[str] | None = field(
+        default=None, metadata={"help": "Your own TrainerCallback classes as module:Class (a list in a recipe). Each "
+                                        "runs fault-isolated: an exception in it is a warning, never the end of "
+                                        "training."}
+    )
+
+
+@dataclass
+class FrozenBackboneTrainingArguments(RunArguments, TrainingArguments):
+    """TrainingArguments that also work on CPU-only machines under torchrun and DeepSpeed."""
+
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every trained component gets a gradient every step, so DDP need not search "
+                                         "for unused ones (searching also breaks losses computed from captured "
+                                         "router logits: 'marked as ready twice')."}
+    )
+
+    def __post_init__(self):
+        adapt_to_cpu_only_machines(self)
+        super().__post_init__()
+
+
+def prepare_output_dir(args: TrainingArguments) -> str | bool | None:
+    """Refuse to mix two runs in one --output_dir; return what ``train(resume_from_checkpoint=...)`` needs.
+
+    A folder that holds an earlier run is refused unless the run resumes (``--resume_from_checkpoint``) or
+    ``--overwrite_output_dir`` asks to replace it, in which case that run's outputs are removed first. Call it
+    before loading any model, on every rank (only rank 0 removes anything).
+    """
+    resume = resume_argument(args.resume_from_checkpoint)
+    if resume is True:
+        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if resume is None:
+            raise UserError(f"--resume_from_checkpoint true: {args.output_dir} holds no checkpoint-N folder to resume "
+                            "from; drop the flag to start a new run.")
+    elif resume and not os.path.isdir(resume):
+        raise UserError(f"--resume_from_checkpoint {resume} is not a folder; pass a checkpoint-N folder of an earlier "
+                        "run, or `true` for the newest one in --output_dir.")
+    if resume:
+        return resume
+    existing = os.path.isdir(args.output_dir) and [
+        n for n in os.listdir(args.output_dir) if not n.startswith(".") or n.startswith(".sidekit-")]
+    if existing:
+        if not getattr(args, "overwrite_output_dir", False):
+            raise UserError(f"--output_dir {args.output_dir} already holds an earlier run ({', '.join(sorted(existing)[:3])}"
+                            f"{', ...' if len(existing) > 3 else ''}); pass --overwrite_output_dir to replace it, "
+                            "--resume_from_checkpoint true to continue it, or choose another folder.")
+        if args.process_index == 0:
+            for pattern in RUN_OUTPUTS:
+                for path in glob.glob(os.path.join(args.output_dir, pattern)):
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
+    return None
+
+
+def check_eval_data(args: TrainingArguments, has_eval_data: bool) -> None:
+    """Evaluation during training needs held-out rows: say so before any model loads.
+
+    When the evaluation strategy is only a script's default (the user did not write it), a run
+    without held-out rows simply does not evaluate.
+    """
+    if has_eval_data:
+        return
+    given = given_settings(args)
+    if args.eval_strategy != IntervalStrategy.NO:
+        if "eval_strategy" in given:
+            raise UserError(f"--eval_strategy {args.eval_strategy.value} evaluates held-out rows, and there are none; "
+                            "pass --validation_file (or --validation_split_percentage N), or set --eval_strategy no.")
+        args.eval_strategy = IntervalStrategy.NO
+        args.do_eval = False
+    if getattr(args, "eval_on_start", False):
+        if "eval_on_start" in given:
+            raise UserError("--eval_on_start evaluates held-out rows, and there are none; pass --validation_file, or "
+                            "drop --eval_on_start.")
+        args.eval_on_start = False
+
+
+class FrozenBackboneTrainer(Trainer):
+    """Base for trainers whose backbone is frozen and whose loss is a sum of named per-batch terms.
+
+    Checkpoints also hold ``trainable.safetensors``: the trained parameters under their in-memory names. Resuming
+    loads it strictly, because some architectures (Mixtral) rename weights on disk and the Trainer's own
+    non-strict reload of ``model.safetensors`` would silently skip them.
+
+    Subclasses compute their loss in ``compute_loss`` and call :meth:`record` with ``(sum, count)`` pairs;
+    ``log`` turns them into means over every process and step since the last log, so W&B, TensorBoard,
+    ``log_history`` and the console all see them (``eval_``-prefixed during evaluation).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
+            "train": defaultdict(list), "eval": defaultdict(list)
+        }
+        # Our losses are means over the micro-batch: let the Trainer divide by the accumulation steps, and
+        # do not let it rescale by the number of processes as it does for token-normalised model losses.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+
+    def record(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float = 1.0) -> None:
+        """Accumulate ``total / count`` for ``name``; sums are gathered across processes before averaging.
+
+        Every process must call ``record`` with the same names in the same order (it is a collective).
+        """
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        pair = torch.stack([
+            torch.as_tensor(total, dtype=torch.float32, device=device).detach().reshape(()),
+            torch.as_tensor(count, dtype=torch.float32, device=device).detach().reshape(()),
+        ])
+        self._metrics[mode][name].append(self.accelerator.gather(pair).reshape(-1, 2).sum(0).cpu())
+
+    def _pop_metrics(self, mode: str) -> dict[str, float]:
+        out = {}
+        for name, pairs in self._metrics[mode].items():
+            total, count = torch.stack(pairs).sum(0).tolist()
+            if count > 0:
+                out[name] = total / count
+        self._metrics[mode].clear()
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = self._pop_metrics(mode)
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+
+    # ---- checkpoints: what trained, not the frozen backbone ------------------------------------------------
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds, under their in-memory names: the trained parameters (gathered under
+        ZeRO-3; a collective, so every process calls it). Subclasses may add small state they need to be usable."""
+        model = self.accelerator.unwrap_model(self.model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        gather = (deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+                  if is_deepspeed_zero3_enabled() else contextlib.nullcontext())
+        with gather:
+            return {n: p.detach().cpu().clone().contiguous() for n, p in named}
+
+    def save_component_files(self, output_dir: str) -> None:
+        """Config files and model card written next to the tensors (subclasses); main process only."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save what trained (``trainable.safetensors``), the tokenizer and the component files, never the frozen
+        backbone: a router checkpoint of a 30B MoE model is megabytes, not 60 GB. ``save_full_model`` writes a
+        complete transformers checkpoint when one is wanted."""
+        output_dir = output_dir or self.args.output_dir
+        tensors = self.checkpoint_tensors()
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            with atomic_path(os.path.join(output_dir, TRAINABLE_WEIGHTS_NAME)) as tmp:
+                save_file(tensors, tmp, metadata={"format": "pt"})
+            if hasattr(self.processing_class, "save_pretrained"):
+                self.processing_class.save_pretrained(output_dir)
+            self.save_component_files(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def save_full_model(self, output_dir: str | None = None) -> None:
+        """A complete transformers checkpoint (backbone included, gathered under ZeRO-3), as the Trainer saves one."""
+        Trainer.save_model(self, output_dir, _internal_call=True)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # DeepSpeed's own checkpoint would also hold every frozen weight (module states and ZeRO's frozen
+        # fragments); they never change, so leave them out. Resuming then loads the module non-strictly
+        # (create_scheduler below), which the Trainer itself only does for PEFT models.
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        engine = getattr(wrapped, "engine", None)
+        if engine is not None and not getattr(engine, "_sidekit_nonstrict_load", False):
+            load_checkpoint = engine.load_checkpoint
+
+            def load_without_frozen(*args, **kwargs):
+                kwargs["load_module_strict"] = False
+                return load_checkpoint(*args, **kwargs)
+
+            engine.load_checkpoint = load_without_frozen
+            engine._sidekit_nonstrict_load = True
+        return scheduler
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.load_checkpoint_tensors(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        self.load_checkpoint_tensors(self.state.best_model_checkpoint)
+
+    def load_checkpoint_tensors(self, checkpoint: str, model=None) -> None:
+        """Load ``trainable.safetensors`` strictly: every trained tensor present, nothing unknown, same shapes.
+
+        Strictly, because some architectures (Mixtral) rename weights on disk and a non-strict reload of a full
+        checkpoint would silently skip them.
+        """
+        path = os.path.join(checkpoint, TRAINABLE_WEIGHTS_NAME)
+        if not os.path.exists(path):
+            raise UserError(f"{checkpoint} has no {TRAINABLE_WEIGHTS_NAME}; resume from a checkpoint-N folder written "
+                            "by this script.")
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        tensors = load_file(path)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(trained - set(tensors))
+        unexpected = sorted(n for n in tensors if n not in state)
+        reshaped = sorted(f"{n} {tuple(t.shape)} vs {tuple(state[n].shape)}" for n, t in tensors.items()
+                          if n in state and tuple(t.shape) != tuple(getattr(state[n], "ds_shape", state[n].shape)))
+        if missing or unexpected or reshaped:
+            problems = [f"{label} {names[:3]}" for label, names in
+                        (("missing", missing), ("unexpected", unexpected), ("different shapes", reshaped)) if names]
+            raise UserError(f"{checkpoint} does not match this model ({'; '.join(problems)}); resume with the model "
+                            "and settings that wrote it.")
+        params = [state[n] for n in tensors if n in trained]
+        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+                  if is_deepspeed_zero3_enabled() else contextlib.nullcontext())
+        with gather, torch.no_grad():
+            for name, tensor in tensors.items():
+                state[name].copy_(tensor.to(state[name].dtype))

@@ -1,0 +1,88 @@
+"""A pool's rows as token sequences to score: validated (bad rows get a reason, not an error), rendered with the
+chat template, truncated and flagged; for IFD, each answer with and without its question."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lib.core.data import is_message_list, render_messages
+
+
+@dataclass
+class Item:
+    """One sequence to run: token ids and which tokens count as targets (for perplexity-style losses)."""
+
+    ids: list[int]
+    targets: list[int] | None = None
+
+
+@dataclass
+class PreparedRow:
+    main: Item | None  # the row as text (router scores, perplexity) or question+answer (ifd)
+    alone: Item | None = None  # ifd: the answer without its question
+    truncated: bool = False
+    skip_reason: str | None = None
+
+
+def _encode(tokenizer, texts: list[str], max_len: int) -> tuple[list[list[int]], list[bool]]:
+    # One token past the limit tells truncated rows apart from rows of exactly max_len tokens.
+    enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_len + 1)["input_ids"]
+    return [ids[:max_len] for ids in enc], [len(ids) > max_len for ids in enc]
+
+
+def _skip_reason_text(value: Any) -> str | None:
+    if value is None:
+        return "missing"
+    if not isinstance(value, str):
+        return f"not text ({type(value).__name__})"
+    return None if value.strip() else "empty"
+
+
+def _skip_reason_messages(value: Any) -> str | None:
+    if value is None:
+        return "missing"
+
+    if not is_message_list(value):
+        return "not a list of {role, content} messages"
+    return None if any(m["content"].strip() for m in value) else "empty"
+
+
+def prepare_rows(values: list, tokenizer, *, chat: bool, max_len: int, ifd: bool) -> list[PreparedRow]:
+    """Validate, render and tokenise one shard's rows. Bad rows get a ``skip_reason`` instead of an error."""
+    reasons = [(_skip_reason_messages if chat else _skip_reason_text)(v) for v in values]
+    rows = [PreparedRow(None, skip_reason=r) for r in reasons]
+    live = [i for i, r in enumerate(reasons) if r is None]
+    if not ifd:
+        texts = [render_messages(tokenizer, values[i]) if chat else values[i] for i in live]
+        ids, truncated = _encode(tokenizer, texts, max_len) if texts else ([], [])
+        for i, row_ids, cut in zip(live, ids, truncated, strict=True):
+            rows[i] = PreparedRow(Item(row_ids), truncated=cut)
+        return rows
+    for i in live:
+        rows[i] = _prepare_ifd(values[i], tokenizer, max_len)
+    return rows
+
+
+def _prepare_ifd(messages: list[dict], tokenizer, max_len: int) -> PreparedRow:
+    """Question = every turn before the last assistant turn (with the generation prompt); answer = that turn."""
+    last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return PreparedRow(None, skip_reason="no assistant turn")
+    if last == 0:
+        return PreparedRow(None, skip_reason="no question before the answer")
+    answer = tokenizer(messages[last]["content"], add_special_tokens=False)["input_ids"]
+    if not answer:
+        return PreparedRow(None, skip_reason="empty answer")
+    prompt_text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if len(prompt) >= max_len:
+        return PreparedRow(None, truncated=True, skip_reason="question longer than max_seq_length")
+    conditioned = (prompt + answer)[:max_len]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    alone = (bos + answer)[:max_len]
+    truncated = len(prompt) + len(answer) > max_len or len(bos) + len(answer) > max_len
+    main = Item(conditioned, [0] * len(prompt) + [1] * (len(conditioned) - len(prompt)))
+    # Without a BOS token the first answer token has nothing to be predicted from.
+    return PreparedRow(main, Item(alone, [0] * len(bos) + [1] * (len(alone) - len(bos))), truncated=truncated)
+

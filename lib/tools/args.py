@@ -1,0 +1,48 @@
+"""Arguments of pretrain_encoder.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lib.core.errors import UserError
+from lib.core.trainer import FrozenBackboneTrainingArguments
+
+
+@dataclass
+class EncoderDataArguments:
+    tools_file: str = field(metadata={"help": "JSON list of {name, description, resources: {...numbers}}."})
+    train_file: str = field(metadata={"help": "Rows of {query, tool, kind?}; kind 'resource' marks queries that only "
+                                              "resource facts settle."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out queries, same format."})
+
+
+@dataclass
+class EncoderTrainingArguments(FrozenBackboneTrainingArguments):
+    pooling: str = field(default="mean", metadata={"help": "How the LLM's hidden states become one vector.",
+                                                   "choices": ["mean", "last"]})
+    d_resource: int | None = field(default=None, metadata={"help": "Width of the resource MLP (null: hidden size)."})
+    num_attention_heads: int = field(default=8, metadata={"help": "Heads of the fusion's attention."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout inside the fusion's attention."})
+    temperature: float = field(default=0.05, metadata={"help": "Softmax temperature of the cosine scores."})
+    resource_loss_coef: float = field(
+        default=1.0, metadata={"help": "Weight of the resource-only term on resource-dependent queries."}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Queries per device per step."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps (gate/alpha every step by default)."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate held-out queries (without "
+                                                                  "--validation_file: never)."})
+    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate held-out queries before the first step too: "
+                                                                "the accuracy of pure semantics (gate shut)."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the precomputed query embeddings."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}.")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        if self.d_resource is not None and self.d_resource < 1:
+            raise UserError(f"--d_resource must be positive or null, got {self.d_resource}.")
+
