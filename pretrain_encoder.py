@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     )
     from lib.core.files import write_json
     from lib.core.hub import check_push_to_hub
-    from lib.core.trainer import check_eval_data, prepare_output_dir
+    from lib.core.training_args import check_eval_data, prepare_output_dir
     from lib.models.args import ModelArguments
     from lib.models.deepspeed import zero3_init_disabled
     from lib.models.loading import load_model_and_tokenizer, weights_fingerprint

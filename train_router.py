@@ -47,7 +47,7 @@ def main(argv=None) -> str:
     from lib.core.errors import UserError
     from lib.core.freezing import freeze_all_but
     from lib.core.hub import check_push_to_hub
-    from lib.core.trainer import check_eval_data, prepare_output_dir
+    from lib.core.training_args import check_eval_data, prepare_output_dir
     from lib.models.args import ModelArguments
     from lib.models.deepspeed import prepare_moe_for_zero3
     from lib.models.loading import load_model_and_tokenizer

@@ -34,7 +34,7 @@ def main(argv=None) -> str:
         load_user_callbacks,
     )
     from lib.core.hub import check_push_to_hub
-    from lib.core.trainer import check_eval_data, prepare_output_dir
+    from lib.core.training_args import check_eval_data, prepare_output_dir
     from lib.models.adapters import merge_adapter
     from lib.models.args import ModelLoadArguments
     from lib.models.loading import load_model_and_tokenizer

@@ -9,7 +9,9 @@ separating good from garbage, per corruption kind when the file has a ``corrupti
     make demo                                   # trains outputs/router on data/pool.jsonl
     python benchmarks/bench_select_quality.py --router_model outputs/router --data_file data/heldout.jsonl --json
 
-With --json the last line printed is a JSON object (auroc per score, precision of each selection).
+--max_samples N scores only the first N rows (a quick look). The AUROC table shows each score's difference from the
+perplexity baseline's AUROC, measured in the same run. With --json the last line printed is a JSON object (auroc per
+score, per corruption kind, precision of each selection).
 """
 
 import argparse
@@ -29,31 +31,53 @@ def main(argv=None) -> dict:
     parser.add_argument("--label_field", default="label")
     parser.add_argument("--score", default="quality_score", help="Router score that ranks the first run.")
     parser.add_argument("--select_ratio", type=float, default=0.3)
-    parser.add_argument("--max_seq_length", type=int, default=None)
+    parser.add_argument("--max_seq_length", type=int, default=None, help="Truncation (default: the checkpoint's).")
+    parser.add_argument("--max_samples", type=int, default=None, help="Score only the first N rows.")
+    parser.add_argument("--batch_size", type=int, default=None, help="Rows per forward pass (select_data's default).")
     parser.add_argument("--output_dir", default="outputs/select_quality")
     parser.add_argument("--json", action="store_true", help="Print a JSON object as the last line.")
     args = parser.parse_args(argv)
 
     import select_data
+    from lib.core.data import check_fields, load_rows, parse_label
     from lib.selection.scores import auroc
+
+    # Every label is checked before anything is scored, so a bad row costs seconds, not two scoring runs.
+    ds = load_rows(args.data_file)
+    if args.max_samples:
+        ds = ds.select(range(min(len(ds), args.max_samples)))
+    check_fields(ds, args.data_file, text_field=args.text_field, messages_field=None, label_field=args.label_field)
+    for i, value in enumerate(ds[args.label_field]):
+        parse_label(value, args.data_file, i, args.label_field)
 
     def run(score: str) -> tuple[list[dict], list[dict]]:
         out = os.path.join(args.output_dir, score)
         argv = ["--router_model", args.router_model, "--data_file", args.data_file, "--text_field", args.text_field,
                 "--output_dir", out, "--score", score, "--select_ratio", str(args.select_ratio),
                 "--overwrite_output_dir"]
-        if args.max_seq_length:
-            argv += ["--max_seq_length", str(args.max_seq_length)]
+        for flag in ("max_seq_length", "max_samples", "batch_size"):
+            if getattr(args, flag):
+                argv += [f"--{flag}", str(getattr(args, flag))]
         select_data.main(argv)
-        read = lambda name: [json.loads(line) for line in open(os.path.join(out, name), encoding="utf-8")]  # noqa: E731
+
+        def read(name: str) -> list[dict]:
+            with open(os.path.join(out, name), encoding="utf-8") as f:
+                return [json.loads(line) for line in f]
+
         return read("scored.jsonl"), read("selected.jsonl")
 
-    router_rows, router_selected = run(args.score)
+    _, router_selected = run(args.score)
     # The perplexity run on a router checkpoint computes the router scores in the same forward pass too.
     ppl_rows, ppl_selected = run("perplexity")
-    labels = [int(r[args.label_field]) for r in ppl_rows]
+    def label(row: dict) -> int:  # every label was checked above
+        return parse_label(row[args.label_field], args.data_file, 0, args.label_field)
+
+    labels = [label(r) for r in ppl_rows]
     columns = {name: [r.get(name) for r in ppl_rows] for name in ("quality_score", "quality_logodds", "routed_share")}
     columns["perplexity"] = [r["selection_score"] for r in ppl_rows]  # -log perplexity: higher is better
+
+    def precision(selected: list[dict]) -> float:
+        return sum(label(r) for r in selected) / max(1, len(selected))
 
     def nan_none(values):
         return [float("nan") if v is None else v for v in values]
@@ -61,13 +85,12 @@ def main(argv=None) -> dict:
     result = {"rows": len(labels), "good": sum(labels), "select_ratio": args.select_ratio,
               "auroc": {name: auroc(nan_none(v), labels) for name, v in columns.items()},
               "precision_selected": {
-                  args.score: sum(int(r[args.label_field]) for r in router_selected) / max(1, len(router_selected)),
-                  "perplexity": sum(int(r[args.label_field]) for r in ppl_selected) / max(1, len(ppl_selected))},
+                  args.score: precision(router_selected), "perplexity": precision(ppl_selected)},
               "base_rate": sum(labels) / len(labels)}
     print(f"\n{result['rows']} rows ({result['good']} good); AUROC for good vs garbage, higher is better:")
-    print(f"{'score':<18}{'AUROC':>8}")
+    print(f"{'score':<18}{'AUROC':>8}{'vs perplexity':>15}")
     for name, value in result["auroc"].items():
-        print(f"{name:<18}{value:8.3f}")
+        print(f"{name:<18}{value:8.3f}{value - result['auroc']['perplexity']:>+15.3f}")
     kinds = sorted({r.get("corruption") for r in ppl_rows if r.get("corruption")})
     if kinds:
         good = [i for i, lab in enumerate(labels) if lab == 1]
@@ -87,4 +110,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from lib.core.errors import run_main
+
+    run_main(main)

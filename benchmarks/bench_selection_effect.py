@@ -25,8 +25,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def subsets(rows: list[dict], ratio: float, seed: int) -> dict[str, list[dict]]:
+    """The top, a seeded random and the bottom ``ratio`` share of the pool, drawn from the rows with a score.
+
+    Sized as select_data.py sizes its selection (``ratio`` of every row, at most the scored ones), so ``top`` is
+    exactly what select_data.py keeps at ``--select_ratio ratio``: ties rank in file order and rows without a
+    selection_score are in no subset. All three have the same size.
+    """
+    from lib.core.errors import DataError
+
     scored = [r for r in rows if r.get("selection_score") is not None]
-    k = max(1, round(ratio * len(rows)))
+    if not scored:
+        raise DataError("The scored file has no row with a selection_score; score the pool with select_data.py first.")
+    k = min(len(scored), max(1, round(ratio * len(rows))))
     ranked = sorted(range(len(scored)), key=lambda i: (-scored[i]["selection_score"], i))
     picked = sorted(random.Random(seed).sample(range(len(scored)), k))
     return {"top": [scored[i] for i in ranked[:k]], "random": [scored[i] for i in picked],
@@ -49,6 +59,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="Print a JSON object as the last line.")
     args = parser.parse_args(argv)
+    if not os.path.isfile(args.scored):
+        from lib.core.errors import UserError
+
+        raise UserError(f"--scored {args.scored} does not exist; run select_data.py first (its scored.jsonl).")
 
     import importlib.util
 
@@ -89,7 +103,8 @@ def main(argv=None) -> dict:
                            "--validation_file", args.heldout, "--output_dir", out, "--overwrite_output_dir",
                            "--max_steps", str(args.max_steps), "--seed", str(args.seed), "--eval_strategy", "no",
                            "--save_strategy", "no", "--report_to", "none"])
-        state = json.load(open(os.path.join(out, "trainer_state.json"), encoding="utf-8"))
+        with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
         loss = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h][-1]
         ev = evaluate(os.path.join(out, "eval"), "--adapter", out, "--skip_base")
         labels = [r.get("label") for r in subset if r.get("label") is not None]
@@ -120,4 +135,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from lib.core.errors import run_main
+
+    run_main(main)

@@ -81,3 +81,26 @@ def test_safe_callback_warns_instead_of_raising(caplog):
         cb.on_log(None, None, None, logs={})
     assert caplog.text.count("tracker down") == 1
     assert cb.on_step_end(None, None, "ctl") is None  # events the inner callback does not override still work
+
+
+def test_user_callbacks_named_in_a_recipe_run_fault_isolated(tmp_path, pool_files, caplog):
+    import json
+    import os
+
+    import train_router
+    from lib.core.callbacks import load_user_callbacks
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: builtin:tiny-mixtral\n"
+                      "callbacks: [tests.user_callbacks:RecordSteps, tests.user_callbacks:Broken]\n")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        train_router.main([str(recipe), "--train_file", pool_files["train"], "--output_dir", str(out),
+                           "--synthetic_negatives", "--max_steps", "3", "--logging_steps", "1", "--report_to", "none",
+                           "--save_strategy", "no", "--max_seq_length", "32"])
+    assert json.load(open(os.path.join(out, "user_callback_steps.json")))[:3] == [1, 2, 3]
+    assert caplog.text.count("this plugin is broken") == 1  # warned once, training went on
+    with pytest.raises(UserError, match="cannot import module 'no_such_module'"):
+        load_user_callbacks(["no_such_module:Thing"])
+    with pytest.raises(UserError, match="name a callback as module:Class"):
+        load_user_callbacks(["tests.user_callbacks"])

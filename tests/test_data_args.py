@@ -127,9 +127,17 @@ def test_shipped_recipes_parse(recipe):
               "select_data": (SelectArguments,),
               "train_target": (ModelLoadArguments, SFTDataArguments, LoraArguments, TargetTrainingArguments),
               "pretrain_encoder": (ModelArguments, EncoderDataArguments, EncoderTrainingArguments)}
+    import yaml
+
     kind = next(k for k in script if recipe.startswith(k))
-    parsed = parse_args(script[kind], [os.path.join(ROOT, "recipes", recipe)])
-    assert all(p is not None for p in parsed)
+    path = os.path.join(ROOT, "recipes", recipe)
+    parsed = parse_args(script[kind], [path])
+    # Every setting the recipe writes reaches the arguments with its value (enums compared by their value).
+    values = {k: getattr(v, "value", v) for obj in parsed for k, v in vars(obj).items()}
+    normalised = {("report_to", "none"): []}  # TrainingArguments' own spelling of "no tracker"
+    for key, value in yaml.safe_load(open(path)).items():
+        expected = normalised.get((key, value), value)
+        assert values[key] == expected or str(values[key]) == str(expected), (recipe, key, values[key], value)
 
 
 def test_instruction_pools_are_disjoint_real_conversations():

@@ -138,3 +138,20 @@ def test_runs_end_cleanly_when_gloo_threads_finish_late():
     assert proc.returncode == 0, out[-3000:]
     assert "terminate called" not in out
     assert out.count(" done") == 2
+
+
+@pytest.mark.parametrize("failing", ["all", "1"])
+def test_a_user_error_ends_every_rank_at_once_and_is_printed_once(failing):
+    import time
+
+    start = time.time()
+    proc = run_launcher("torchrun", "tests/rank_error.py", [failing])
+    elapsed = time.time() - start
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, out[-3000:]
+    # Every rank fails alike: rank 0 says it. Rank 1 alone: it says so itself, after its grace period.
+    assert errors[0] == ("error: the input of rank 0 is bad; fix it." if failing == "all"
+                         else "error (rank 1): the input of rank 1 is bad; fix it.")
+    assert elapsed < 120  # not the process group's 30-minute timeout

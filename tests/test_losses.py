@@ -90,3 +90,16 @@ def test_auroc_against_hand_counts():
     assert auroc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
     assert auroc([0.1, float("nan"), 0.9], [0, 1, 1]) == 1.0  # NaN scores are dropped
     assert math.isnan(auroc([0.3, 0.4], [1, 1]))
+
+
+def test_probe_counts_follow_hand_made_routing():
+    from lib.selection.scores import expert_slot_counts
+
+    # 2 rows x 2 tokens, 4 experts, top-2; the last token of row 1 is padding and must not count.
+    logits = torch.tensor([[5.0, 4.0, 0.0, 0.0],   # experts 0, 1
+                           [0.0, 5.0, 4.0, 0.0],   # experts 1, 2
+                           [4.0, 0.0, 0.0, 5.0],   # experts 3, 0
+                           [9.0, 9.5, 0.0, 0.0]])  # padding
+    mask = torch.tensor([[1, 1], [1, 0]])
+    counts = expert_slot_counts([logits, logits.flip(-1)], mask, top_k=2)
+    assert counts.tolist() == [[2, 2, 1, 1], [1, 1, 2, 2]]

@@ -306,9 +306,15 @@ def test_help_is_fast_and_complete():
 @pytest.mark.distributed
 def test_torchrun_two_processes_equal_one(tmp_path, pool):
     ckpt = router_checkpoint(tmp_path)
-    common = ["--router_model", ckpt, "--data_file", pool, "--shard_size", "8", "--batch_size", "4",
-              "--select_ratio", "0.3", "--disable_tqdm"]
-    single = select(tmp_path, ckpt, pool, *common[4:], out="single")
+    # The default shard size cuts even this small pool (37 rows) into shards for both processes (16 rows each).
+    common = ["--router_model", ckpt, "--data_file", pool, "--batch_size", "4", "--select_ratio", "0.3",
+              "--disable_tqdm"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun sets it for each process: equal bytes need equal thread counts
+    try:
+        single = select(tmp_path, ckpt, pool, *common[4:], out="single")
+    finally:
+        torch.set_num_threads(threads)
     bin_dir = os.path.dirname(sys.executable)
     from tests.test_distributed import free_port
 
@@ -319,4 +325,6 @@ def test_torchrun_two_processes_equal_one(tmp_path, pool):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("scored.jsonl", "selected.jsonl"):
         assert open(os.path.join(single, name), "rb").read() == open(tmp_path / "multi" / name, "rb").read()
-    assert json.load(open(tmp_path / "multi" / "summary.json"))["processes"] == 2
+    summary = json.load(open(tmp_path / "multi" / "summary.json"))
+    assert summary["processes"] == 2 and summary["shard_size"] == 16
+    assert proc.stdout.count("scored 35 of 37 rows") == 1  # the report comes from one process only

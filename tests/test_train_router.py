@@ -157,3 +157,46 @@ def test_local_router_gradient_trains_and_validates(tmp_path, pool_files):
                                before[f"model.layers.{i}.block_sparse_moe.gate.weight"])
     with pytest.raises(UserError, match="--router_gradient local .* set --lm_loss_coef 0"):
         run(tmp_path, pool_files["train"], "--synthetic_negatives", "--router_gradient", "local", out="o2")
+
+
+def test_the_readme_trackers_record_the_router_metrics(tmp_path, pool_files, monkeypatch):
+    """--report_to tensorboard and trackio work after make setup, and see the metrics logged through log()."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    recipe = tmp_path / "trackers.yaml"
+    recipe.write_text(f"model_name_or_path: builtin:tiny-mixtral\ntrain_file: {pool_files['train']}\n"
+                      "report_to: [tensorboard, trackio]\n")
+    out = str(tmp_path / "out")
+    train_router.main([str(recipe), "--output_dir", out, "--synthetic_negatives", "--max_steps", "2",
+                       "--logging_steps", "1", "--save_strategy", "no", "--max_seq_length", "32"])
+    events = [os.path.join(root, f) for root, _, files in os.walk(os.path.join(out, "runs")) for f in files]
+    accumulator = EventAccumulator(events[0])
+    accumulator.Reload()
+    assert {"train/router/entropy", "train/loss/route"} <= set(accumulator.Tags()["scalars"])
+    databases = [f for f in os.listdir(tmp_path / "trackio") if f.endswith(".db")]
+    assert databases and b"router/entropy" in (tmp_path / "trackio" / databases[0]).read_bytes()
+
+
+def test_routers_train_in_fp32_inside_a_bf16_model(tmp_path, pool_files):
+    """--dtype bfloat16: the backbone stays bf16, the routers are held and trained in fp32."""
+    from lib.models.moe import find_moe_routers
+
+    seen = {}
+    import lib.selection.trainer as router_trainer
+
+    original = router_trainer.RouterTrainer.train
+
+    def spy(self, *args, **kwargs):
+        seen["router"] = {r.name: r.module.weight.dtype for r in self.routers}
+        seen["backbone"] = self.model.model.embed_tokens.weight.dtype
+        return original(self, *args, **kwargs)
+
+    router_trainer.RouterTrainer.train = spy
+    try:
+        out = run(tmp_path, pool_files["train"], "--synthetic_negatives", "--max_steps", "2", "--dtype", "bfloat16")
+    finally:
+        router_trainer.RouterTrainer.train = original
+    assert set(seen["router"].values()) == {torch.float32} and seen["backbone"] == torch.bfloat16
+    trained = load_file(os.path.join(out, "trainable.safetensors"))
+    assert all(t.dtype == torch.float32 for t in trained.values()) and find_moe_routers

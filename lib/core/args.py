@@ -113,8 +113,12 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None):
         _hide_uncommon_flags(parser, dataclass_types)
     recipe: dict[str, Any] = {}
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    if argv and argv[0].endswith(RECIPE_SUFFIXES) and not argv[0].startswith("-"):
+    if argv and not argv[0].startswith("-"):
+        # The first argument, when it is not a flag, is the recipe.
         path = argv.pop(0)
+        if not os.path.isdir(path) and not path.endswith(RECIPE_SUFFIXES):
+            raise UserError(f"The first argument, {path}, is taken as a recipe and must be a .yaml, .yml or .json "
+                            "file; pass settings as --flag value.")
         recipe = read_recipe(path)
         unknown = sorted(set(recipe) - known)
         if unknown:

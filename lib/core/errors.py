@@ -14,6 +14,11 @@ from typing import Callable
 NONZERO_RANK_ERROR_GRACE_S = 5.0
 
 
+# What the scripts need installed; a missing one means the wrong Python is running them.
+_REQUIRED_PACKAGES = frozenset({"torch", "transformers", "datasets", "accelerate", "peft", "trl", "deepspeed",
+                                "lm_eval", "safetensors", "yaml", "huggingface_hub", "pyarrow", "numpy"})
+
+
 class UserError(ValueError):
     """Something the user can fix (a flag, a file, a field); the message says what, where and how."""
 
@@ -53,6 +58,12 @@ def run_main(main: Callable[[list[str]], object], argv: list[str] | None = None)
             print(f"error (rank {launched_rank()}): {err}", file=sys.stderr, flush=True)
         else:
             print(f"error: {err}", file=sys.stderr, flush=True)
+    except ModuleNotFoundError as err:
+        if err.name not in _REQUIRED_PACKAGES:
+            raise
+        code = 2
+        print(f"error: this Python ({sys.executable}) has no '{err.name}' package; run `make setup` once, then use "
+              "`.venv/bin/python` (or `source .venv/bin/activate` first).", file=sys.stderr, flush=True)
     except SystemExit as exc:  # argparse's --help and usage errors
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):

@@ -25,10 +25,19 @@ def atomic_path(path: str) -> Iterator[str]:
     tmp = os.path.join(directory, f".{base}.tmp-{os.getpid()}{ext}")
     try:
         yield tmp
+        if os.path.isfile(tmp):
+            # Some writers create private (0600) files; give the result the permissions of any new file here.
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str, payload: Any) -> None:

@@ -5,14 +5,11 @@ Never by loose substring: ``"gate"`` would also match ``experts.gate_up_proj`` a
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 from torch import nn
 
-from lib.core.errors import UserError
-
-logger = logging.getLogger(__name__)
+from lib.core.errors import UserError, launched_rank
 
 
 def _numel(param) -> int:
@@ -57,9 +54,9 @@ def freeze_all_but(
             n_train += _numel(param)
     if not trainable:
         raise UserError("The selection matches no parameter, so nothing would train.")
-    if verbose:
-        logger.warning("trainable parameters: %s / %s (%.4f%%) in %d tensors",
-                       f"{n_train:,}", f"{n_total:,}", 100.0 * n_train / max(1, n_total), len(trainable))
+    if verbose and launched_rank() == 0:
+        print(f"trainable parameters: {n_train:,} / {n_total:,} ({100.0 * n_train / max(1, n_total):.4f}%) in "
+              f"{len(trainable)} tensors", flush=True)
     return trainable
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lib.core.errors import UserError
-from lib.core.trainer import FrozenBackboneTrainingArguments
+from lib.core.training_args import FrozenBackboneTrainingArguments
 from lib.models.args import CHOICES_ATTN, CHOICES_DTYPE, CHOICES_EXPERTS
 from lib.selection.corruptions import CORRUPTIONS
 from lib.selection.scores import SCORES

@@ -79,6 +79,15 @@ def router_row_scores(
     return out
 
 
+def expert_slot_counts(router_logits: list[torch.Tensor], token_mask: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``(layers, experts)`` how many top-k routing slots each expert receives from the non-padding tokens."""
+    counts = []
+    for logits in router_logits:
+        top = logits.float().topk(top_k, dim=-1).indices[token_mask.reshape(-1).bool()]
+        counts.append(torch.bincount(top.reshape(-1).cpu(), minlength=logits.shape[-1]).float())
+    return torch.stack(counts)
+
+
 def masked_mean_nll(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token negative log-likelihood of the targeted tokens of each row, in fp32.
 

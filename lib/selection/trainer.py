@@ -19,7 +19,7 @@ from lib.selection.losses import (
     routing_entropy,
     routing_loss,
 )
-from lib.selection.scores import auroc, garbage_mass_per_token, row_garbage_mass
+from lib.selection.scores import auroc, expert_slot_counts, garbage_mass_per_token, row_garbage_mass
 from lib.selection.split import (
     ROUTER_CONFIG_NAME,
     ExpertSplit,
@@ -92,10 +92,7 @@ class RouterTrainer(FrozenBackboneTrainer):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with RouterCapture(self.routers) as cap:
                     model(**batch, use_cache=False, logits_to_keep=1)
-                mask = batch["attention_mask"].reshape(-1).bool()
-                for layer, logits in enumerate(cap.logits):
-                    top = logits.float().topk(self.routers[0].top_k, dim=-1).indices[mask]
-                    counts[layer] += torch.bincount(top.reshape(-1).cpu(), minlength=counts.shape[1]).float()
+                counts += expert_slot_counts(cap.logits, batch["attention_mask"], self.routers[0].top_k)
             shares[quality] = counts / counts.sum(-1, keepdim=True).clamp_min(1)
         if shares[0] is None:
             raise UserError("garbage_selection=probe needs garbage rows (label 0 or --synthetic_negatives).")

@@ -9,7 +9,7 @@ from peft import LoraConfig
 from trl import SFTConfig
 
 from lib.core.errors import UserError
-from lib.core.trainer import RunArguments, adapt_to_cpu_only_machines
+from lib.core.training_args import RunArguments, adapt_to_cpu_only_machines
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lib.core.errors import UserError
-from lib.core.trainer import FrozenBackboneTrainingArguments
+from lib.core.training_args import FrozenBackboneTrainingArguments
 
 
 @dataclass

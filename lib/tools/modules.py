@@ -68,8 +68,3 @@ class ToolEncoder(nn.Module):
         """``(tool vectors, residual)``; one call, so data-parallel wrappers see every trained parameter used."""
         residual = self.residual()
         return self.semantic + residual, residual
-
-    def get_trainable_parameters(self) -> list[nn.Parameter]:
-        """Exactly the resource MLP and the fusion, the gate included (the semantic table is a buffer)."""
-        return list(self.parameters())
-
