@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest tests -m "not slow and not distributed" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup -m "not slow and not distributed" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python -m lib.selection.pools --output_dir data --format chat --train_rows 400 --heldout_rows 100 --candidate_rows 500 --target_heldout_rows 60

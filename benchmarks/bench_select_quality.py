@@ -6,7 +6,10 @@ the router score and once by the model's own perplexity (CCNet-style). Prints th
 separating good from garbage, per corruption kind when the file has a ``corruption`` column, and the precision
 (share of good rows) of each run's selected rows.
 
-    make demo                                   # trains outputs/router on data/pool.jsonl
+    make demo                # chat rows: trains outputs/router, writes data/heldout_chat.jsonl
+    python benchmarks/bench_select_quality.py --router_model outputs/router --data_file data/heldout_chat.jsonl \
+        --messages_field messages --json
+    # text rows: routers trained on `python -m lib.selection.pools --output_dir data` (data/heldout.jsonl)
     python benchmarks/bench_select_quality.py --router_model outputs/router --data_file data/heldout.jsonl --json
 
 --max_samples N scores only the first N rows (a quick look). The AUROC table shows each score's difference from the
@@ -27,7 +30,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--router_model", required=True, help="A train_router.py checkpoint.")
     parser.add_argument("--data_file", required=True, help="Labelled rows the routers were not trained on.")
-    parser.add_argument("--text_field", default="text")
+    parser.add_argument("--text_field", default="text", help="Column holding plain text.")
+    parser.add_argument("--messages_field", default=None,
+                        help="Column holding chat messages (rendered with the chat template); overrides --text_field.")
     parser.add_argument("--label_field", default="label")
     parser.add_argument("--score", default="quality_score", help="Router score that ranks the first run.")
     parser.add_argument("--select_ratio", type=float, default=0.3)
@@ -46,7 +51,8 @@ def main(argv=None) -> dict:
     ds = load_rows(args.data_file)
     if args.max_samples:
         ds = ds.select(range(min(len(ds), args.max_samples)))
-    check_fields(ds, args.data_file, text_field=args.text_field, messages_field=None, label_field=args.label_field)
+    check_fields(ds, args.data_file, text_field=args.text_field, messages_field=args.messages_field,
+                 label_field=args.label_field)
     for i, value in enumerate(ds[args.label_field]):
         parse_label(value, args.data_file, i, args.label_field)
 
@@ -55,7 +61,7 @@ def main(argv=None) -> dict:
         argv = ["--router_model", args.router_model, "--data_file", args.data_file, "--text_field", args.text_field,
                 "--output_dir", out, "--score", score, "--select_ratio", str(args.select_ratio),
                 "--overwrite_output_dir"]
-        for flag in ("max_seq_length", "max_samples", "batch_size"):
+        for flag in ("messages_field", "max_seq_length", "max_samples", "batch_size"):
             if getattr(args, flag):
                 argv += [f"--{flag}", str(getattr(args, flag))]
         select_data.main(argv)

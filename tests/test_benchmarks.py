@@ -133,18 +133,22 @@ def pairwise_auroc(scores, labels) -> float:
 
 
 def test_bench_select_quality_end_to_end(tmp_path, paragraphs):
-    from lib.selection.corruptions import corrupt_text
+    # Chat rows, as the README's command runs it (text rows go through the same code with --text_field).
+    from lib.selection.corruptions import corrupt_messages
 
     rng = random.Random(0)
+    chat = [[{"role": "user", "content": "What does the documentation say here?"},
+             {"role": "assistant", "content": p}] for p in paragraphs[:11]]
     rows = []
-    for i, p in enumerate(paragraphs[:10]):
+    for i, messages in enumerate(chat[:10]):
         kind = ("noise", "shuffle")[i % 2]
-        rows += [{"text": p, "label": 1, "corruption": None},
-                 {"text": corrupt_text(p, paragraphs[100], kind, rng), "label": 0, "corruption": kind}]
-    data = write_jsonl(tmp_path / "heldout.jsonl", rows)
+        rows += [{"messages": messages, "label": 1, "corruption": None},
+                 {"messages": corrupt_messages(messages, chat[10], kind, rng), "label": 0, "corruption": kind}]
+    data = write_jsonl(tmp_path / "heldout_chat.jsonl", rows)
     out = tmp_path / "out"
     result = last_json(bench("bench_select_quality.py", "--router_model", router_checkpoint(tmp_path), "--data_file",
-                             data, "--output_dir", str(out), "--max_samples", "16", "--batch_size", "4", "--json"))
+                             data, "--messages_field", "messages", "--output_dir", str(out), "--max_samples", "16",
+                             "--batch_size", "4", "--json"))
     assert result["rows"] == 16 and result["good"] == 8 and result["base_rate"] == 0.5
 
     def read(run, name):

@@ -128,7 +128,7 @@ def test_rerun_into_a_used_output_dir(capsys, tmp_path, pool_files):
                                                    "--save_steps", "1", "--logging_steps", "1")])
     first = (out / "metrics.jsonl").read_text()
     line = refused(capsys, train_router.main, router_argv(pool_files["train"], out))
-    assert "already holds an earlier run" in line and "--overwrite_output_dir" in line
+    assert "is not empty" in line and "--overwrite_output_dir" in line
     assert (out / "metrics.jsonl").read_text() == first  # nothing touched
     # Resuming from step 1 rewrites the metrics from that step: every step appears once.
     train_router.main([str(a) for a in router_argv(pool_files["train"], out, "--save_strategy", "steps",

@@ -18,9 +18,16 @@ from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 from lib.core.args import given_settings, resume_argument
 from lib.core.errors import UserError
 
-# What a trainer script writes into --output_dir; --overwrite_output_dir removes exactly these.
-RUN_OUTPUTS = ("checkpoint-*", "metrics.jsonl", "merged", "runs", "README.md", "*.safetensors", "*.json", "*.bin",
-               "*.jinja", "*.txt", "*.model", ".sidekit-*")
+# What the trainer scripts write into --output_dir; --overwrite_output_dir removes exactly these (a user's own files
+# in that folder stay).
+RUN_OUTPUTS = (
+    "checkpoint-*", "runs", "merged", "metrics.jsonl", "README.md", "trainable.safetensors", "model.safetensors",
+    "model-*-of-*.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "adapter_config.json",
+    "config.json", "generation_config.json", "router_config.json", "encoder_config.json", "trainer_state.json",
+    "training_args.bin", "all_results.json", "train_results.json", "eval_results.json", "tokenizer.json",
+    "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "chat_template.jinja",
+)
 
 
 def adapt_to_cpu_only_machines(args: TrainingArguments) -> None:
@@ -85,13 +92,13 @@ def prepare_output_dir(args: TrainingArguments) -> str | bool | None:
                         "run, or `true` for the newest one in --output_dir.")
     if resume:
         return resume
-    existing = os.path.isdir(args.output_dir) and [
-        n for n in os.listdir(args.output_dir) if not n.startswith(".") or n.startswith(".sidekit-")]
+    existing = os.path.isdir(args.output_dir) and [n for n in os.listdir(args.output_dir) if not n.startswith(".")]
     if existing:
         if not getattr(args, "overwrite_output_dir", False):
-            raise UserError(f"--output_dir {args.output_dir} already holds an earlier run ({', '.join(sorted(existing)[:3])}"
-                            f"{', ...' if len(existing) > 3 else ''}); pass --overwrite_output_dir to replace it, "
-                            "--resume_from_checkpoint true to continue it, or choose another folder.")
+            shown = ", ".join(sorted(existing)[:3]) + (", ..." if len(existing) > 3 else "")
+            raise UserError(f"--output_dir {args.output_dir} is not empty ({shown}); pass --overwrite_output_dir to "
+                            "replace an earlier run's outputs, --resume_from_checkpoint true to continue it, or choose "
+                            "another folder.")
         if args.process_index == 0:
             for pattern in RUN_OUTPUTS:
                 for path in glob.glob(os.path.join(args.output_dir, pattern)):

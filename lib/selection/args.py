@@ -75,7 +75,7 @@ class RouterTrainingArguments(FrozenBackboneTrainingArguments):
     router_gradient: str = field(
         default="full",
         metadata={"help": "full: exact gradients through the network (LM term included). local: each router "
-                          "learns from its own logits only (routing + balancing losses), about 3x faster with no "
+                          "learns from its own logits only (routing + balancing losses), about 2x faster with no "
                           "activations kept; exact for freshly upcycled identical experts, an approximation "
                           "otherwise. Needs --lm_loss_coef 0; not available under ZeRO-3.",
                   "choices": ["full", "local"]},
@@ -86,7 +86,7 @@ class RouterTrainingArguments(FrozenBackboneTrainingArguments):
     schedule: str | None = field(
         default=None,
         metadata={"help": "JSON list (or YAML list in a recipe) annealing/switching lm_loss_coef, "
-                          "route_loss_coef or aux_loss_coef by epoch; see lib/callbacks.py."},
+                          "route_loss_coef or aux_loss_coef by epoch; see lib/core/callbacks.py."},
     )
     save_full_model: bool = field(
         default=False, metadata={"help": "Also write a complete transformers checkpoint (backbone included) to "

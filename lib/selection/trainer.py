@@ -19,7 +19,12 @@ from lib.selection.losses import (
     routing_entropy,
     routing_loss,
 )
-from lib.selection.scores import auroc, expert_slot_counts, garbage_mass_per_token, row_garbage_mass
+from lib.selection.scores import (
+    auroc,
+    expert_slot_counts,
+    garbage_mass_per_token,
+    row_garbage_mass,
+)
 from lib.selection.split import (
     ROUTER_CONFIG_NAME,
     ExpertSplit,
