@@ -70,11 +70,23 @@ def test_ddp_trains_only_routers(ddp_routers):
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_matches_ddp(stage, tmp_path, pool_files, ddp_routers):
-    proc = launch("deepspeed", tmp_path, pool_files["train"], "--deepspeed", f"ds_configs/{stage}.json")
+    proc = launch("deepspeed", tmp_path, pool_files["train"], "--deepspeed", f"ds_configs/{stage}.json",
+                  "--save_strategy", "steps", "--save_steps", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     routers = check_only_routers_changed(tmp_path, "builtin:tiny-mixtral")
     for name, weight in ddp_routers.items():
         assert torch.allclose(routers[name], weight, atol=1e-5), (stage, name, (routers[name] - weight).abs().max())
+    # The DeepSpeed checkpoint leaves the frozen weights out, and resuming from it reproduces the uninterrupted run.
+    engine_state = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in
+                       os.walk(tmp_path / "checkpoint-2" / "global_step2") for f in files)
+    assert engine_state < os.path.getsize(os.path.join(resolve_model_path("builtin:tiny-mixtral"), "model.safetensors"))
+    resumed = tmp_path / "resumed"
+    proc = launch("deepspeed", resumed, pool_files["train"], "--deepspeed", f"ds_configs/{stage}.json",
+                  "--resume_from_checkpoint", str(tmp_path / "checkpoint-2"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = load_file(os.path.join(resumed, "trainable.safetensors"))
+    for name, weight in routers.items():
+        assert torch.allclose(again[name], weight, atol=1e-6), (stage, name, (again[name] - weight).abs().max())
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-qwen3-moe", "builtin:tiny-olmoe", "builtin:tiny-qwen2-moe"])
