@@ -45,12 +45,3 @@ def pool_files(tmp_path_factory, paragraphs):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (make test runs 2 workers), every test that launches processes runs on one worker, one at a
-    time and in file order: the README's commands build on each other, and launchers must not share a core with
-    another launcher's processes or race for a free port."""
-    for item in items:
-        if item.get_closest_marker("distributed"):
-            item.add_marker(pytest.mark.xdist_group("launchers"))

@@ -176,6 +176,7 @@ def test_resume_equals_uninterrupted_and_mismatched_checkpoints_are_named(tmp_pa
 
 
 @pytest.mark.distributed
+@pytest.mark.xdist_group("launchers")
 def test_zero2_two_processes(tmp_path):
     from tests.test_distributed import run_launcher
 

@@ -17,7 +17,7 @@ import pytest
 from lib.core.errors import run_main
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("launchers")]
 BIN = os.path.dirname(sys.executable)
 MODELS = {"builtin:smollm2-135m-instruct": "builtin:tiny-llama", "Qwen/Qwen3-30B-A3B": "builtin:tiny-qwen3-moe"}
 TRAINERS = ("train_router.py", "train_target.py", "pretrain_encoder.py")
@@ -60,9 +60,9 @@ def adapt(argv: list[str]) -> list[str]:
         argv += ["--max_samples", "24", "--disable_tqdm"]
     elif script == "evaluate.py":
         if "--limit" in argv:
-            argv[argv.index("--limit") + 1] = "4"
+            argv[argv.index("--limit") + 1] = "2"
         else:
-            argv += ["--limit", "4"]
+            argv += ["--limit", "2"]
     for flag in ("--num_gpus", "--nproc_per_node", "--num_processes"):
         if flag in argv:
             argv[argv.index(flag) + 1] = "2"

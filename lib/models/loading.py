@@ -21,7 +21,7 @@ from transformers import (
 
 from lib.core.cache import folder_weights_fingerprint
 from lib.core.errors import UserError
-from lib.core.hub import hub_error_sentence
+from lib.core.hub import hub_error_sentence, hub_reachable
 from lib.core.registry import resolve_attn_implementation
 from lib.models.builtin import is_builtin, resolve_model_path
 from lib.models.deepspeed import init_deepspeed_comm_for_zero3, zero3_init_disabled
@@ -30,11 +30,18 @@ from lib.models.upcycling import upcycle_to_moe
 logger = logging.getLogger(__name__)
 
 
+def cache_only(path: str) -> bool:
+    """Without a reachable hub, ask transformers for its local cache only: a missing model is then an answer in a
+    second instead of after minutes of connection retries, and a cached one still loads."""
+    return not os.path.exists(path) and not hub_reachable()
+
+
 def load_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
                 flag: str = "--model_name_or_path"):
     path = resolve_model_path(name_or_path)
     try:
-        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                          local_files_only=cache_only(path))
     except (OSError, ValueError) as err:
         if is_builtin(name_or_path):
             raise
@@ -45,7 +52,8 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
                    flag: str = "--model_name_or_path"):
     path = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                                  local_files_only=cache_only(path))
     except (OSError, ValueError) as err:
         if is_builtin(name_or_path):
             raise
@@ -83,7 +91,7 @@ def load_model(
         # Frozen-backbone training on CPU wants fp32; on GPU the checkpoint's own dtype is the sane default.
         dtype = "auto" if torch.cuda.is_available() else torch.float32
     kwargs: dict[str, Any] = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                                  use_safetensors=_require_safetensors(path))
+                                  use_safetensors=_require_safetensors(path), local_files_only=cache_only(path))
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     attn = resolve_attn_implementation(attn_implementation, model_class)

@@ -13,7 +13,7 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from lib.core.errors import UserError
 from lib.core.files import write_json
-from lib.core.hub import hub_error_sentence, looks_like_a_path
+from lib.core.hub import hub_error_sentence, hub_reachable, looks_like_a_path
 from lib.models.builtin import resolve_model_path
 from lib.models.moe import RouterInfo
 
@@ -117,7 +117,7 @@ def checkpoint_file(checkpoint: str, filename: str, revision: str | None = None)
     if looks_like_a_path(checkpoint):
         raise UserError(f"--router_model {checkpoint} does not exist; check the path.")
     try:
-        return hf_hub_download(checkpoint, filename, revision=revision)
+        return hf_hub_download(checkpoint, filename, revision=revision, local_files_only=not hub_reachable())
     except EntryNotFoundError:
         return None
     except Exception as err:  # noqa: BLE001 - every other failure becomes the sentence that names it
