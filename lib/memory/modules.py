@@ -1,0 +1,153 @@
+"""The trained parts of explicit memory: MemoryNorm, the product-key MemoryGate and the gated MemoryFusion.
+
+The gate reads the frozen model's hidden states at one layer. At every position t the query is an attention-
+weighted mean of MemoryNorm(h_1..h_t) (causal, so a position never sees later tokens and generation needs no
+state), split in two halves; each half is scored against sqrt(N) sub-keys, the top candidates of both halves are
+combined, and the best ``top_k`` cells of the grid are the retrieved entries (Lample et al., 2019). Sub-keys come
+from the entries' content: an entry's key is a projection of its frozen embedding, a row key the mean of its row's
+keys' first halves, a column key the mean of its column's keys' second halves. Adding or editing an entry
+therefore gives it a meaningful key with no retraining.
+
+Each fusion layer lets every position attend over the token representations of its retrieved entries (plus a
+learned "nothing" slot) with the gate's log-weights as attention bias, and adds the result through a gate that
+starts shut: ``h + tanh(alpha) * fuse(h, memory)``, ``alpha = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEG = -1e4  # a finite "minus infinity": fully masked rows stay finite in low precision
+
+
+class MemoryNorm(nn.RMSNorm):
+    """RMSNorm on the gate's query path (its own class, so freezing can select it by name)."""
+
+
+def causal_attention_pool(values: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``out[:, t] = sum_{s<=t} softmax(scores[:, :t+1]) * values[:, s]`` over the unmasked positions.
+
+    One pass with cumulative sums; scores are bounded (tanh), so the shift by the row maximum keeps every weight
+    representable. values ``(B, T, D)``, scores ``(B, T)``, mask ``(B, T)``.
+    """
+    scores = 8.0 * torch.tanh(scores.float() / 8.0)
+    scores = scores.masked_fill(mask == 0, -30.0)
+    shift = scores.max(dim=1, keepdim=True).values.detach()
+    weights = torch.exp(scores - shift) * mask
+    num = torch.cumsum(weights[..., None] * values.float(), dim=1)
+    den = torch.cumsum(weights, dim=1)[..., None].clamp_min(1e-30)
+    return (num / den).to(values.dtype)
+
+
+class MemoryGate(nn.Module):
+    """Product-key lookup of the bank from the frozen model's hidden states at the query layer."""
+
+    def __init__(self, hidden_size: int, *, key_dim: int = 128, top_k: int = 4, candidates: int = 8,
+                 eps: float = 1e-6):
+        super().__init__()
+        if key_dim % 2:
+            raise ValueError(f"key_dim must be even, got {key_dim}")
+        self.hidden_size, self.key_dim, self.top_k, self.candidates = hidden_size, key_dim, top_k, candidates
+        self.norm = MemoryNorm(hidden_size, eps=eps)
+        self.pool = nn.Linear(hidden_size, 1)
+        self.query = nn.Linear(hidden_size, key_dim)
+        self.key = nn.Linear(hidden_size, key_dim)
+        self.entry_norm = MemoryNorm(hidden_size, eps=eps)
+        # Shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot take.
+        self.log_temperature = nn.Parameter(torch.zeros(1))
+        nn.init.zeros_(self.pool.weight)
+        nn.init.zeros_(self.pool.bias)
+
+    def queries(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Causal pooled queries ``(B, T, key_dim)`` from hidden states ``(B, T, H)``."""
+        normed = self.norm(hidden)
+        pooled = causal_attention_pool(normed, self.pool(normed).squeeze(-1), mask)
+        return self.query(pooled)
+
+    def entry_keys(self, features: torch.Tensor) -> torch.Tensor:
+        """Keys ``(N, key_dim)`` of entries from their frozen embeddings ``(N, H)``."""
+        return self.key(self.entry_norm(features))
+
+    def sub_keys(self, keys: torch.Tensor, cells: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row keys ``(side, key_dim/2)`` and column keys ``(side, key_dim/2)``: means of the entries' key halves."""
+        half = self.key_dim // 2
+        rows, cols = cells // side, cells % side
+        row_keys = keys.new_zeros(side, half).index_add(0, rows, keys[:, :half])
+        col_keys = keys.new_zeros(side, half).index_add(0, cols, keys[:, half:])
+        row_n = torch.bincount(rows, minlength=side).clamp_min(1).to(keys.dtype)[:, None]
+        col_n = torch.bincount(cols, minlength=side).clamp_min(1).to(keys.dtype)[:, None]
+        return row_keys / row_n, col_keys / col_n
+
+    def half_scores(self, queries: torch.Tensor, row_keys: torch.Tensor, col_keys: torch.Tensor):
+        """Row and column scores ``(..., side)`` each, divided by the learned temperature."""
+        half = self.key_dim // 2
+        scale = torch.exp(-self.log_temperature) / math.sqrt(half)
+        return (queries[..., :half] @ row_keys.T) * scale, (queries[..., half:] @ col_keys.T) * scale
+
+    def lookup(self, row_scores: torch.Tensor, col_scores: torch.Tensor, cell_entry: torch.Tensor,
+               top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k occupied cells: ``(entry indices, cell scores, valid)``, each ``(..., k)``.
+
+        The best k cells by ``row + column`` score always lie among the k best rows x k best columns, so taking
+        ``max(k, candidates)`` of each half returns exactly the top k of scoring every cell. Empty cells
+        (``cell_entry == -1``) are never returned; fewer than k entries come back marked invalid.
+        """
+        side = row_scores.shape[-1]
+        empty = int((cell_entry < 0).sum())
+        k = min(top_k or self.top_k, cell_entry.numel() - empty)
+        # Widen the window by the number of empty cells, so that k occupied cells always lie inside it.
+        c = min(side, max(k, self.candidates) + empty)
+        top_r, idx_r = row_scores.topk(c, dim=-1)
+        top_c, idx_c = col_scores.topk(c, dim=-1)
+        combined = top_r[..., :, None] + top_c[..., None, :]  # (..., c, c)
+        cells = idx_r[..., :, None] * side + idx_c[..., None, :]
+        entry = cell_entry[cells]
+        combined = combined.masked_fill(entry < 0, float("-inf"))
+        scores, flat = combined.flatten(-2).topk(k, dim=-1)
+        chosen = entry.flatten(-2).gather(-1, flat)
+        valid = torch.isfinite(scores)
+        return chosen.clamp_min(0), scores.masked_fill(~valid, NEG), valid
+
+
+class MemoryFusion(nn.Module):
+    """Cross-attention from each position to its retrieved entries' tokens, added through a shut gate."""
+
+    def __init__(self, hidden_size: int, *, fusion_dim: int = 256, num_heads: int = 4):
+        super().__init__()
+        if fusion_dim % num_heads:
+            raise ValueError(f"fusion_dim {fusion_dim} must be divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, fusion_dim // num_heads
+        self.norm = MemoryNorm(hidden_size)
+        self.memory_norm = MemoryNorm(hidden_size)
+        self.q = nn.Linear(hidden_size, fusion_dim, bias=False)
+        self.k = nn.Linear(hidden_size, fusion_dim, bias=False)
+        self.v = nn.Linear(hidden_size, fusion_dim, bias=False)
+        self.o = nn.Linear(fusion_dim, hidden_size, bias=False)
+        # The "nothing relevant" slot: attending to it adds nothing.
+        self.null_key = nn.Parameter(torch.zeros(fusion_dim))
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def project_memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of entry tokens ``(..., L, H)`` -> ``(..., L, fusion_dim)`` each."""
+        normed = self.memory_norm(tokens)
+        return self.k(normed), self.v(normed)
+
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+        """hidden ``(B, T, H)``; keys/values ``(B, T, M, D)`` (M = k entries x L tokens); bias ``(B, T, M)`` holds
+        the gate's log-weights and the padding mask. Returns ``hidden + tanh(alpha) * fused``."""
+        b, t, m, d = keys.shape
+        heads, hd = self.num_heads, self.head_dim
+        q = self.q(self.norm(hidden)).view(b, t, heads, hd)
+        k = torch.cat([self.null_key.view(1, 1, 1, d).expand(b, t, 1, d).to(keys.dtype), keys], dim=2)
+        v = torch.cat([values.new_zeros(b, t, 1, d), values], dim=2)
+        k, v = k.view(b, t, m + 1, heads, hd), v.view(b, t, m + 1, heads, hd)
+        bias = torch.cat([bias.new_zeros(b, t, 1), bias], dim=2)
+        logits = torch.einsum("bthd,btmhd->bthm", q, k) / math.sqrt(hd) + bias[:, :, None, :].to(q.dtype)
+        attn = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+        fused = self.o(torch.einsum("bthm,btmhd->bthd", attn, v).reshape(b, t, heads * hd))
+        return hidden + torch.tanh(self.alpha).to(hidden.dtype) * fused
