@@ -32,7 +32,11 @@ def run_launcher(launcher, script, args):
         cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", port, script]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": ROOT,
            "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    # DeepSpeed's CPU all-reduce never removes its 67 MB shared-memory files; run_main does, on every exit path.
+    left = [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in n]
+    assert not left, f"{launcher} left shared-memory files behind: {left}"
+    return proc
 
 
 def launch(launcher, out_dir, train_file, *extra, model="builtin:tiny-mixtral", script="train_router.py"):
