@@ -19,5 +19,6 @@ ds_glue.prepare_moe_for_zero3 = leaf_modules_only
 
 if __name__ == "__main__":
     import train_router
+    from lib.core.errors import run_main
 
-    train_router.main(sys.argv[1:])
+    run_main(train_router.main, sys.argv[1:])
