@@ -22,17 +22,22 @@ def grid_side(n: int) -> int:
     return max(1, math.isqrt(max(n, 1) - 1) + 1)
 
 
-def _balanced_assign(dist_to: callable, n: int, k: int, capacity: int, top: int = 8) -> np.ndarray:
-    """Assign ``n`` points to ``k`` clusters of at most ``capacity`` points, nearest first (greedy over the sorted
-    point-cluster distances of every point's ``top`` nearest clusters; leftovers go to the nearest open cluster)."""
+def _nearest(dist_to: callable, n: int, k: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top`` nearest of ``k`` clusters for each of ``n`` points, and their distances (in chunks of rows)."""
     top = min(top, k)
-    cand_c, cand_d = [], []
+    cand, cand_d = [], []
     for start in range(0, n, 65536):
         d = dist_to(start, min(n, start + 65536))  # (chunk, k)
         idx = np.argpartition(d, top - 1, axis=1)[:, :top] if top < k else np.tile(np.arange(k), (len(d), 1))
-        cand_c.append(idx)
+        cand.append(idx)
         cand_d.append(np.take_along_axis(d, idx, axis=1))
-    cand_c, cand_d = np.concatenate(cand_c), np.concatenate(cand_d)
+    return np.concatenate(cand), np.concatenate(cand_d)
+
+
+def _balanced_assign(dist_to: callable, n: int, k: int, capacity: int, top: int = 8) -> np.ndarray:
+    """Assign ``n`` points to ``k`` clusters of at most ``capacity`` points, nearest first (greedy over the sorted
+    point-cluster distances of every point's ``top`` nearest clusters; leftovers go to the nearest open cluster)."""
+    cand_c, cand_d = _nearest(dist_to, n, k, top)
     order = np.argsort(cand_d, axis=None, kind="stable")
     points, clusters = np.unravel_index(order, cand_d.shape)
     clusters = cand_c[points, clusters]
@@ -92,14 +97,7 @@ def place_entries(keys: torch.Tensor, *, iters: int = 4, seed: int = 0) -> torch
     second = x[:, half:]
     dist = _sq_dist(second, col_centroids)
     # Every (row, column) cell holds one entry: assign within each row with capacity 1 per column, globally greedy.
-    top = min(8, side)
-    cand, cand_d = [], []
-    for start in range(0, n, 65536):
-        d = dist(start, min(n, start + 65536))
-        idx = np.argpartition(d, top - 1, axis=1)[:, :top] if top < side else np.tile(np.arange(side), (len(d), 1))
-        cand.append(idx)
-        cand_d.append(np.take_along_axis(d, idx, axis=1))
-    cand, cand_d = np.concatenate(cand), np.concatenate(cand_d)
+    cand, cand_d = _nearest(dist, n, side, 8)
     order = np.argsort(cand_d, axis=None, kind="stable")
     points, slots = np.unravel_index(order, cand_d.shape)
     cells = rows[points] * side + cand[points, slots]
