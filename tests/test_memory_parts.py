@@ -28,7 +28,7 @@ def fact_files(tmp_path_factory):
 
 
 def test_facts_split_by_person_with_test_only_words(fact_files):
-    people = json.load(open(fact_files / "people.json"))
+    people = json.loads((fact_files / "people.json").read_text())
     bank = read(fact_files / "bank.jsonl")
     assert len(bank) == 60 * len(facts.ATTRIBUTES) and len({e["id"] for e in bank}) == len(bank)
     split_of = {p["name"]: p["split"] for p in people}
@@ -58,7 +58,7 @@ def test_facts_are_seeded(tmp_path):
     facts.build(str(tmp_path / "a"), people_count=20, seed=3)
     facts.build(str(tmp_path / "b"), people_count=20, seed=3)
     facts.build(str(tmp_path / "c"), people_count=20, seed=4)
-    a, b, c = (open(tmp_path / d / "bank.jsonl").read() for d in "abc")
+    a, b, c = ((tmp_path / d / "bank.jsonl").read_text() for d in "abc")
     assert a == b and a != c
 
 
@@ -77,8 +77,7 @@ def tok():
 
 def write_rows(path, rows):
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     return str(path)
 
 

@@ -60,7 +60,7 @@ class MemoryBank:
 
     @classmethod
     def from_texts(cls, texts: list[str], tokenizer, *, ids: list[str] | None = None, max_entry_tokens: int = 16,
-                   truncate: bool = False, source: str = "") -> "MemoryBank":
+                   truncate: bool = False, source: str = "") -> MemoryBank:
         ids = [str(i) for i in (ids if ids is not None else range(len(texts)))]
         where = source or "the memory bank"
         seen: dict[str, int] = {}
@@ -89,7 +89,7 @@ class MemoryBank:
 
     @classmethod
     def load(cls, path: str, tokenizer, *, max_entry_tokens: int = 16, truncate: bool = False,
-             allow_empty: bool = False) -> "MemoryBank":
+             allow_empty: bool = False) -> MemoryBank:
         """Read a bank file (rows ``{"id"?, "text"}``) or a run folder holding ``memory_bank.jsonl``."""
         if os.path.isdir(path) and os.path.exists(os.path.join(path, BANK_FILE)):
             path = os.path.join(path, BANK_FILE)
@@ -113,6 +113,6 @@ class MemoryBank:
         """Write ``memory_bank.jsonl`` (ids and texts, the form a person edits) atomically; return its path."""
         path = os.path.join(output_dir, BANK_FILE)
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for entry_id, text in zip(self.ids, self.texts):
-                f.write(json.dumps({"id": entry_id, "text": text}, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps({"id": entry_id, "text": text}, ensure_ascii=False) + "\n"
+                         for entry_id, text in zip(self.ids, self.texts))
         return path

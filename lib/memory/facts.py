@@ -177,8 +177,7 @@ def qa_row(person: Person, attribute: str, question: str, rng: random.Random, po
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def build(output_dir: str, people_count: int = 400, seed: int = 0,

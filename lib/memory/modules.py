@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 NEG = -1e4  # a finite "minus infinity": fully masked rows stay finite in low precision
