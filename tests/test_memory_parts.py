@@ -85,8 +85,8 @@ def test_bank_round_trip_and_fingerprint(tmp_path, tok):
     path = write_rows(tmp_path / "bank.jsonl", [{"id": "a", "text": "alpha beta"}, {"id": "b", "text": "gamma"}])
     bank = MemoryBank.load(path, tok, max_entry_tokens=8)
     assert bank.ids == ["a", "b"] and bank.index("b") == 1
-    assert bank.input_ids.shape == (2, 8) and bank.attention_mask.sum(1).tolist() == [
-        len(tok("alpha beta", add_special_tokens=False)["input_ids"]), len(tok("gamma", add_special_tokens=False)["input_ids"])]
+    lengths = [len(tok(text, add_special_tokens=False)["input_ids"]) for text in ("alpha beta", "gamma")]
+    assert bank.input_ids.shape == (2, 8) and bank.attention_mask.sum(1).tolist() == lengths
     saved = bank.save(str(tmp_path / "run"))
     again = MemoryBank.load(os.path.dirname(saved), tok, max_entry_tokens=8)
     assert again.texts == bank.texts and torch.equal(again.input_ids, bank.input_ids)

@@ -112,9 +112,10 @@ def make_people(n: int, seed: int, split_fractions: tuple[float, float, float]) 
     n_val = round(n * split_fractions[1])
     splits = ["train"] * n_train + ["validation"] * n_val + ["test"] * (n - n_train - n_val)
     # Universities and employers are shared by several people of one split (like real ones), never across splits.
-    shared = {split: {"university": [rng.choice(UNIVERSITY_FORMS).format(words.word((2, 2))) for _ in range(max(2, n // 8))],
-                      "employer": [f"{words.word((2, 2))} {rng.choice(COMPANY_SUFFIXES)}" for _ in range(max(2, n // 6))]}
-              for split in ("train", "validation", "test")}
+    shared = {split: {
+        "university": [rng.choice(UNIVERSITY_FORMS).format(words.word((2, 2))) for _ in range(max(2, n // 8))],
+        "employer": [f"{words.word((2, 2))} {rng.choice(COMPANY_SUFFIXES)}" for _ in range(max(2, n // 6))],
+    } for split in ("train", "validation", "test")}
     names: set[str] = set()
     people = []
     for i, split in enumerate(splits):
