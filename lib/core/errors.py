@@ -94,22 +94,17 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def deepspeed_shm_buffer(rank: int | None = None) -> str:
-    """The shared-memory file DeepSpeed's CPU all-reduce creates for a rank of this job (named after the user,
-    MASTER_ADDR and MASTER_PORT)."""
-    rank = launched_rank() if rank is None else rank
-    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-
-
 def _remove_deepspeed_shm_buffer() -> None:
-    """DeepSpeed's CPU all-reduce maps a 67 MB file in /dev/shm per rank and never unlinks it (its
-    ``shared_close`` is never called), so every multi-process CPU run would leave 67 MB x ranks of RAM behind.
-    Each rank unlinks its own at the end; the other ranks' mappings stay valid until they exit."""
+    """DeepSpeed's CPU all-reduce maps a 67 MB file in /dev/shm per rank (named after the user, MASTER_ADDR,
+    MASTER_PORT and the rank) and never unlinks it (its ``shared_close`` is never called), so every multi-process
+    CPU run would leave 67 MB x ranks of RAM behind. Each rank unlinks its own at the end; the other ranks'
+    mappings stay valid until they exit."""
     if "deepspeed" not in sys.modules or launched_world_size() < 2:
         return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{launched_rank()}")
     try:
-        os.unlink(deepspeed_shm_buffer())
+        os.unlink(os.path.join("/dev/shm", name))
     except OSError:
         pass  # not created (GPU runs, or ranks on several machines) or already gone
 

@@ -93,15 +93,12 @@ class MemoryBank:
         """Read a bank file (rows ``{"id"?, "text"}``) or a run folder holding ``memory_bank.jsonl``."""
         if os.path.isdir(path) and os.path.exists(os.path.join(path, BANK_FILE)):
             path = os.path.join(path, BANK_FILE)
-        if allow_empty and os.path.isfile(path) and os.path.getsize(path) == 0:
-            return cls.from_texts([], tokenizer, max_entry_tokens=max_entry_tokens, source=path)
-        try:
-            rows = load_rows(path)
-        except DataError as err:
-            if "no rows" in str(err) or "is empty" in str(err):
-                raise DataError(f"The memory bank {path} has no entries; give it at least one row "
-                                '{"id": ..., "text": ...}.') from None
-            raise
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            if allow_empty:
+                return cls.from_texts([], tokenizer, max_entry_tokens=max_entry_tokens, source=path)
+            raise DataError(f"The memory bank {path} has no entries; give it at least one row "
+                            '{"id": ..., "text": ...}.')
+        rows = load_rows(path)
         if "text" not in rows.column_names:
             raise DataError(f"The memory bank {path} has no field 'text' (fields: {', '.join(rows.column_names)}); "
                             'each row needs {"id": ..., "text": ...} (id optional).')

@@ -190,20 +190,20 @@ def build(output_dir: str, people_count: int = 400, seed: int = 0,
     rng = random.Random(seed + 2)
     cf = counterfactual_values(people, seed)
     by_split = {s: [p for p in people if p.split == s] for s in ("train", "validation", "test")}
-    pool = {a: sorted({p.attributes[a] for p in people}) for a in ATTRIBUTES}
     # Choices come from the person's own split, so test choices are test people's invented words too.
     split_pool = {s: {a: sorted({p.attributes[a] for p in group}) for a in ATTRIBUTES} for s, group in by_split.items()}
 
     bank = [{"id": entry_id(p, a), "text": entry_text(p, a)} for p in people for a in ATTRIBUTES]
     counterfactual = [{"id": entry_id(p, a), "text": entry_text(p, a, cf[(p.key, a)]), "answer": p.attributes[a],
                        "counterfactual_answer": cf[(p.key, a)]} for p in people for a in ATTRIBUTES]
-    irrelevant = [row for row, p in zip(bank, (p for p in people for _ in ATTRIBUTES)) if p.split != "test"]
+    irrelevant = [{"id": entry_id(p, a), "text": entry_text(p, a)} for p in people if p.split != "test"
+                  for a in ATTRIBUTES]
 
     def one_per_fact(group: list[Person], test_only: bool) -> list[dict]:
         rows = []
         for p in group:
             for a in ATTRIBUTES:
-                row = qa_row(p, a, rng.choice(phrasings(a, test_only)), rng, split_pool[p.split] or pool)
+                row = qa_row(p, a, rng.choice(phrasings(a, test_only)), rng, split_pool[p.split])
                 row["counterfactual_answer"] = cf[(p.key, a)]
                 if row["counterfactual_answer"] not in row["choices"]:
                     row["choices"][rng.randrange(len(row["choices"]))] = row["counterfactual_answer"]

@@ -66,7 +66,9 @@ def _sq_dist(x: np.ndarray, centroids: np.ndarray):
     return dist
 
 
-def _balanced_kmeans(x: np.ndarray, k: int, capacity: int, iters: int, rng: np.random.Generator) -> np.ndarray:
+def _balanced_kmeans(x: np.ndarray, k: int, capacity: int, iters: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Assignments of the points to ``k`` clusters of at most ``capacity``, and the clusters' centroids."""
     n = len(x)
     centroids = x[rng.choice(n, size=k, replace=n < k)].copy()
     assign = np.zeros(n, dtype=np.int64)
@@ -76,7 +78,7 @@ def _balanced_kmeans(x: np.ndarray, k: int, capacity: int, iters: int, rng: np.r
         np.add.at(sums, assign, x)
         counts = np.bincount(assign, minlength=k)[:, None]
         centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
-    return assign
+    return assign, centroids
 
 
 def place_entries(keys: torch.Tensor, *, iters: int = 4, seed: int = 0) -> torch.Tensor:
@@ -88,14 +90,10 @@ def place_entries(keys: torch.Tensor, *, iters: int = 4, seed: int = 0) -> torch
     x = keys.detach().float().cpu().numpy()
     half = x.shape[1] // 2
     rng = np.random.default_rng(seed)
-    rows = _balanced_kmeans(x[:, :half], side, side, iters, rng)
-    # Column centroids from an unconstrained-per-cell k-means of the second halves, then one entry per cell.
-    cols = _balanced_kmeans(x[:, half:], side, side, iters, rng)
-    col_centroids = np.zeros((side, x.shape[1] - half), dtype=x.dtype)
-    np.add.at(col_centroids, cols, x[:, half:])
-    col_centroids /= np.maximum(np.bincount(cols, minlength=side), 1)[:, None]
-    second = x[:, half:]
-    dist = _sq_dist(second, col_centroids)
+    rows, _ = _balanced_kmeans(x[:, :half], side, side, iters, rng)
+    # Column centroids from a balanced k-means of the second halves, then one entry per cell.
+    _, col_centroids = _balanced_kmeans(x[:, half:], side, side, iters, rng)
+    dist = _sq_dist(x[:, half:], col_centroids)
     # Every (row, column) cell holds one entry: assign within each row with capacity 1 per column, globally greedy.
     cand, cand_d = _nearest(dist, n, side, 8)
     order = np.argsort(cand_d, axis=None, kind="stable")
