@@ -13,6 +13,13 @@ arc_easy, arc_challenge, hellaswag, piqa, sciq, boolq, openbookqa, winogrande); 
 was scored where the usual one is not shipped. --task_file adds a jsonl of {"question", "choices", "answer"} rows.
 Writes results.json (every run, every metric with its stderr, settings, versions) and results.md (the table), after
 the base run and again after the tuned run.
+
+Explicit memory (lib/memory): the memory model with the correct, empty, irrelevant and counterfactual bank next to
+the base model and the base model with the gold entry in the prompt, plus gate hit@k (memory_results.json / .md);
+--tasks then compares base and memory model on lm-eval tasks:
+    python evaluate.py --memory_model outputs/memory/final --qa_file data/facts/qa_test.jsonl \
+        --counterfactual_bank data/facts/bank_counterfactual.jsonl --irrelevant_bank data/facts/bank_irrelevant.jsonl \
+        --tasks arc_easy,piqa --limit 150 --output_dir outputs/memory/eval
 """
 
 import os
@@ -32,7 +39,7 @@ def main(argv=None) -> dict:
     import torch
     import transformers
 
-    from lib.core.args import parse_args
+    from lib.core.args import parse_args, peek_setting
     from lib.core.hub import hub_reachable
     from lib.eval.args import EvaluateArguments
     from lib.eval.harness import check_tasks, run_lm_eval, task_manager, write_results
@@ -46,6 +53,12 @@ def main(argv=None) -> dict:
     from lib.models.args import ModelArguments
 
     # ---- arguments ---------------------------------------------------------------------------------
+    argv = list(sys.argv[1:] if argv is None else argv)
+    memory_folder = peek_setting(argv, "memory_model")
+    if memory_folder and not peek_setting(argv, "model_name_or_path"):
+        from lib.memory.model import MemoryConfig
+
+        argv += ["--model_name_or_path", MemoryConfig.load(memory_folder).base_model]
     model_args, args = parse_args((ModelArguments, EvaluateArguments), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
@@ -65,6 +78,9 @@ def main(argv=None) -> dict:
             include.append(scratch)
         manager = task_manager(include)
         check_tasks(manager, names)
+
+        if args.memory_model:
+            return evaluate_memory_model(args, names, manager, source, pack_notes)
 
         # ---- base model, then the adapter merged into the same weights ----------------------------------
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,6 +108,61 @@ def main(argv=None) -> dict:
               "which is not shipped offline)", flush=True)
     print(f"results: {os.path.join(os.path.abspath(args.output_dir), 'results.json')} and results.md", flush=True)
     return {"table": table, "split_notes": split_notes, "runs": runs, "task_source": source}
+
+
+def evaluate_memory_model(args, names, manager, source, pack_notes) -> dict:
+    """QA conditions of a memory model (memory_results.*) and, with --tasks, lm-eval for base vs memory model."""
+    import contextlib
+
+    import torch
+
+    from lib.core.files import atomic_path, write_json
+    from lib.eval.harness import run_lm_eval, write_results
+    from lib.memory.bank import MemoryBank
+    from lib.memory.evaluation import evaluate_memory, load_qa, results_markdown
+    from lib.memory.model import load_memory_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    memory, tokenizer = load_memory_model(args.memory_model, bank=args.memory_bank)
+    memory.to(device)
+    bank = memory.bank
+    out: dict = {"memory_model": os.path.abspath(args.memory_model), "bank": bank.source}
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.qa_file:
+        rows = load_qa(args.qa_file, args.qa_limit, args.seed)
+        for row in rows:
+            bank.index(row["memory_id"], args.qa_file)
+        banks = {"memory": bank}
+        for name, path in (("irrelevant", args.irrelevant_bank), ("counterfactual", args.counterfactual_bank)):
+            if path:
+                banks[name] = MemoryBank.load(path, tokenizer, max_entry_tokens=bank.max_entry_tokens)
+        if "counterfactual" in banks and any("counterfactual_answer" not in r for r in rows):
+            from lib.core.errors import DataError
+
+            raise DataError(f"--counterfactual_bank needs counterfactual_answer in every row of {args.qa_file}.")
+        qa = evaluate_memory(memory, tokenizer, rows, banks, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, progress=lambda m: print(f"scoring: {m}", flush=True))
+        out["qa"] = qa
+        table = results_markdown(qa, len(rows), args.qa_file)
+        with atomic_path(os.path.join(args.output_dir, "memory_results.md")) as tmp, open(tmp, "w") as f:
+            f.write(table)
+        write_json(os.path.join(args.output_dir, "memory_results.json"), out)
+        print("\n" + table, flush=True)
+    if names:
+        runs = {}
+        for name in ("base", "memory"):
+            print(f"evaluating {name} on {', '.join(names)}", flush=True)
+            context = memory.memory_off() if name == "base" else contextlib.nullcontext()
+            with context:
+                # The hooked backbone is the memory model; lm-eval sees an ordinary transformers model.
+                runs[name] = run_lm_eval(memory.backbone, tokenizer, names, manager, limit=args.limit,
+                                         num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
+            table = write_results(args.output_dir, runs, args=args, model_name=memory.memory_config.base_model,
+                                  task_source=source, device=device, split_notes={})
+        out["lm_eval"] = runs
+        print("\n" + table, flush=True)
+    print(f"results: {os.path.abspath(args.output_dir)}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

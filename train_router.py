@@ -22,15 +22,31 @@ DeepSpeed ZeRO-2 / ZeRO-3 (an MoE checkpoint from the hub, no upcycling):
     deepspeed --num_gpus 2 train_router.py --model_name_or_path Qwen/Qwen3-30B-A3B --train_file pool.jsonl \
         --label_field label --output_dir outputs/router --bf16 --deepspeed ds_configs/zero3.json
 
+Explicit memory, stage 1 (only the MemoryGate trains; see lib/memory/stages.py):
+    python train_router.py recipes/memory/train_gate_smollm2.yaml
+    python train_router.py --router_type memory_gate --model_name_or_path builtin:smollm2-135m-instruct \
+        --memory_bank data/facts/bank.jsonl --train_file data/facts/qa_train.jsonl \
+        --validation_file data/facts/qa_validation.jsonl --output_dir outputs/memory/gate
+
 Multi-node: `torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 train_router.py ...` or
 `deepspeed --hostfile hostfile train_router.py ...`. Resume: add `--resume_from_checkpoint outputs/router/checkpoint-N`
 (or `--resume_from_checkpoint true` for the latest one in --output_dir).
 """
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> str | dict:
     import logging
     import os
+    import sys
+
+    from lib.core.args import peek_setting
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if peek_setting(argv, "router_type") == "memory_gate":
+        from lib.memory.args import GateStageArguments
+        from lib.memory.stages import run_stage
+
+        return run_stage("gate", argv, extra_arguments=(GateStageArguments,))
 
     import transformers
     from transformers import set_seed

@@ -61,6 +61,20 @@ def read_recipe(path: str) -> dict[str, Any]:
     return data
 
 
+def peek_setting(argv: list[str], name: str) -> Any:
+    """The value of setting ``name`` on the command line (``--name v`` or ``--name=v``) or else in the recipe, without
+    parsing anything else (scripts that switch on it, like ``train_router.py --router_type``)."""
+    flag = f"--{name}"
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+    if argv and not argv[0].startswith("-") and argv[0].endswith(RECIPE_SUFFIXES) and os.path.isfile(argv[0]):
+        return read_recipe(argv[0]).get(name)
+    return None
+
+
 def resume_argument(value: str | bool | None) -> str | bool | None:
     """``--resume_from_checkpoint``: a checkpoint folder, or ``true`` for the newest one in output_dir."""
     if isinstance(value, str) and value.lower() in ("true", "false"):

@@ -8,7 +8,8 @@ import json
 import logging
 import math
 import os
-from typing import Any, MutableMapping
+from collections.abc import MutableMapping
+from typing import Any
 
 from transformers import TrainerCallback
 

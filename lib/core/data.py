@@ -29,7 +29,7 @@ def load_rows(source: str, *, split: str = "train", config_name: str | None = No
         if os.path.isdir(source):
             try:
                 ds = datasets.load_from_disk(source)
-            except Exception as err:  # noqa: BLE001 - re-raised as a user-facing sentence
+            except Exception as err:
                 raise DataError(f"{source} is a folder but not a dataset saved with save_to_disk ({err}).") from err
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
@@ -44,14 +44,14 @@ def load_rows(source: str, *, split: str = "train", config_name: str | None = No
                 raise DataError(f"{source} is empty; it needs at least one row.")
             try:
                 ds = datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train")
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 raise DataError(f"Could not read {source} as {ext[1:]} ({type(err).__name__}: {err}).") from err
     elif ext in _BUILDERS:
         raise DataError(f"{source} does not exist; check the path.")
     else:
         try:
             ds = datasets.load_dataset(source, config_name, split=split)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise DataError(
                 f"Could not load '{source}' as a local file or hub dataset ({type(err).__name__}: {err})."
             ) from err

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 # How long a rank other than 0 waits before printing its own error: the launchers (torchrun polls every 0.1 s,
 # deepspeed every 1 s) stop the whole job as soon as rank 0 exits with the same error, so it is printed once.
@@ -68,7 +68,7 @@ def run_main(main: Callable[[list[str]], object], argv: list[str] | None = None)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr, flush=True)
-    except BaseException:  # noqa: BLE001 - a bug or an interrupt: show it, then end like every other run
+    except BaseException:
         if not distributed:
             raise
         code = 1

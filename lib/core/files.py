@@ -10,7 +10,8 @@ import importlib.metadata
 import json
 import os
 import shutil
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -54,8 +55,7 @@ def write_table(table, path: str, fmt: str) -> None:
             return
         with open(tmp, "w", encoding="utf-8") as f:
             for batch in table.to_batches(max_chunksize=4096):
-                for row in batch.to_pylist():
-                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in batch.to_pylist())
 
 
 def package_versions(packages: tuple[str, ...]) -> dict[str, str]:

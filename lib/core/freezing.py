@@ -5,7 +5,7 @@ Never by loose substring: ``"gate"`` would also match ``experts.gate_up_proj`` a
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 

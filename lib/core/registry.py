@@ -10,8 +10,9 @@ degrades from flash-attention to sdpa to eager on a machine or model that lacks 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.utils import is_flash_attn_2_available

@@ -170,4 +170,5 @@ class FrozenBackboneTrainer(Trainer):
                   if is_deepspeed_zero3_enabled() else contextlib.nullcontext())
         with gather, torch.no_grad():
             for name, tensor in tensors.items():
-                state[name].copy_(tensor.to(state[name].dtype))
+                if name in trained or not hasattr(state[name], "ds_shape"):  # frozen ZeRO-3 shards stay as built
+                    state[name].copy_(tensor.to(state[name].dtype))

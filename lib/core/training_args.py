@@ -26,7 +26,7 @@ RUN_OUTPUTS = (
     "config.json", "generation_config.json", "router_config.json", "encoder_config.json", "trainer_state.json",
     "training_args.bin", "all_results.json", "train_results.json", "eval_results.json", "tokenizer.json",
     "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "chat_template.jinja",
+    "merges.txt", "chat_template.jinja", "memory_config.json", "memory_bank.jsonl", "memory_summary.json",
 )
 
 

@@ -29,11 +29,32 @@ class EvaluateArguments:
     )
     skip_base: bool = field(default=False, metadata={"help": "With --adapter, evaluate only the tuned model."})
     seed: int = field(default=1234, metadata={"help": "lm-eval's random seeds (few-shot sampling)."})
+    memory_model: str | None = field(default=None, metadata={
+        "help": "Output folder of an explicit-memory stage: measure it on --qa_file (and --tasks with its bank)."})
+    memory_bank: str | None = field(default=None, metadata={"help": "Bank for --memory_model (default: its own)."})
+    qa_file: str | None = field(default=None, metadata={"help": "QA rows {question, answer, memory_id, choices?} "
+                                                                "for --memory_model."})
+    counterfactual_bank: str | None = field(default=None, metadata={
+        "help": "An edited bank (same ids): how often the memory model's answer follows the edit "
+                "(rows' counterfactual_answer)."})
+    irrelevant_bank: str | None = field(default=None, metadata={"help": "A bank without the asked entries."})
+    qa_limit: int | None = field(default=None, metadata={"help": "Score a seeded sample of this many QA rows."})
+    max_new_tokens: int = field(default=12, metadata={"help": "Greedy answer length for exact match."})
 
     def __post_init__(self):
         self.task_names = [t.strip() for t in self.tasks.split(",") if t.strip()]
-        if not self.task_names and not self.task_file:
+        if not self.task_names and not self.task_file and not self.memory_model:
             raise UserError("Nothing to evaluate: pass --tasks (lm-eval names, e.g. arc_easy,piqa) or --task_file.")
+        memory_flags = [n for n in ("memory_bank", "qa_file", "counterfactual_bank", "irrelevant_bank", "qa_limit")
+                        if getattr(self, n) is not None]
+        if memory_flags and not self.memory_model:
+            raise UserError(f"--{memory_flags[0]} belongs to --memory_model; pass the memory model's folder.")
+        if self.memory_model and not self.qa_file and not self.task_names and not self.task_file:
+            raise UserError("--memory_model needs --qa_file (QA rows with memory_id) or --tasks to measure.")
+        if self.memory_model and self.adapter:
+            raise UserError("--memory_model and --adapter cannot be combined; evaluate them separately.")
+        if self.counterfactual_bank and not self.qa_file:
+            raise UserError("--counterfactual_bank needs --qa_file (rows with counterfactual_answer).")
         if self.limit is not None and self.limit <= 0:
             raise UserError(f"--limit must be positive, got {self.limit}.")
         if self.limit is not None and self.limit >= 1:

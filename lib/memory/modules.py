@@ -43,33 +43,74 @@ def causal_attention_pool(values: torch.Tensor, scores: torch.Tensor, mask: torc
 
 
 class MemoryGate(nn.Module):
-    """Product-key lookup of the bank from the frozen model's hidden states at the query layer."""
+    """Product-key lookup of the bank from the frozen model's states at the query layer.
 
-    def __init__(self, hidden_size: int, *, key_dim: int = 128, top_k: int = 4, candidates: int = 8,
-                 eps: float = 1e-6):
+    A key has two halves, scored separately (the product-key split):
+
+    * the **entity** half: a learned attention-weighted mean of the frozen *token embeddings* (which tokens count is
+      decided from MemoryNorm(hidden)), through one fixed random projection shared by queries and entries. Two
+      texts naming the same entity share its tokens, so a name never seen in training still matches its entries;
+      a learned projection here would memorise the training names instead.
+    * the **relation** half: a learned attention-weighted mean of MemoryNorm(hidden), projected separately for
+      queries and entries (what is asked about, and what an entry states).
+
+    Each half is unit-normalised, so a score is a sum of two cosines times a learned inverse temperature.
+    """
+
+    def __init__(self, hidden_size: int, *, key_dim: int = 128, top_k: int = 4, candidates: int = 16,
+                 eps: float = 1e-6, seed: int = 0):
         super().__init__()
         if key_dim % 2:
             raise ValueError(f"key_dim must be even, got {key_dim}")
         self.hidden_size, self.key_dim, self.top_k, self.candidates = hidden_size, key_dim, top_k, candidates
+        half = key_dim // 2
         self.norm = MemoryNorm(hidden_size, eps=eps)
-        self.pool = nn.Linear(hidden_size, 1)
-        self.query = nn.Linear(hidden_size, key_dim)
-        self.key = nn.Linear(hidden_size, key_dim)
         self.entry_norm = MemoryNorm(hidden_size, eps=eps)
+        self.entity_pool = nn.Linear(hidden_size, 1)
+        self.entry_entity_pool = nn.Linear(hidden_size, 1)
+        self.relation_pool = nn.Linear(hidden_size, 1)
+        self.entry_relation_pool = nn.Linear(hidden_size, 1)
+        self.query_relation = nn.Linear(hidden_size, half)
+        self.entry_relation = nn.Linear(hidden_size, half)
+        # Fixed (seeded, saved with the weights): orthonormal rows keep distinct token sets apart.
+        generator = torch.Generator().manual_seed(seed)
+        projection = torch.randn(hidden_size, half, generator=generator) / math.sqrt(hidden_size)
+        if half <= hidden_size:
+            projection = torch.linalg.qr(projection)[0]
+        self.register_buffer("entity_projection", projection.contiguous())
         # Shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot take.
         self.log_temperature = nn.Parameter(torch.zeros(1))
-        nn.init.zeros_(self.pool.weight)
-        nn.init.zeros_(self.pool.bias)
+        for pool in (self.entity_pool, self.entry_entity_pool, self.relation_pool, self.entry_relation_pool):
+            nn.init.zeros_(pool.weight)  # start from plain means
+            nn.init.zeros_(pool.bias)
 
-    def queries(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Causal pooled queries ``(B, T, key_dim)`` from hidden states ``(B, T, H)``."""
-        normed = self.norm(hidden)
-        pooled = causal_attention_pool(normed, self.pool(normed).squeeze(-1), mask)
-        return self.query(pooled)
+    @property
+    def scale(self) -> torch.Tensor:
+        """Inverse temperature of the scores (10 at initialisation: two cosines give a usable softmax)."""
+        return 10.0 * torch.exp(-self.log_temperature)
 
-    def entry_keys(self, features: torch.Tensor) -> torch.Tensor:
-        """Keys ``(N, key_dim)`` of entries from their frozen embeddings ``(N, H)``."""
-        return self.key(self.entry_norm(features))
+    def _keys(self, hidden, embeds, mask, norm, entity_pool, relation_pool, relation):
+        normed = norm(hidden)
+        entity = causal_attention_pool(embeds, entity_pool(normed).squeeze(-1), mask)
+        entity = entity.to(self.entity_projection.dtype) @ self.entity_projection
+        rel = relation(causal_attention_pool(normed, relation_pool(normed).squeeze(-1), mask))
+        return torch.cat([nn.functional.normalize(entity.to(rel.dtype), dim=-1),
+                          nn.functional.normalize(rel, dim=-1)], dim=-1)
+
+    def queries(self, hidden: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Causal queries ``(B, T, key_dim)`` from hidden states and token embeddings ``(B, T, H)``."""
+        return self._keys(hidden, embeds, mask, self.norm, self.entity_pool, self.relation_pool, self.query_relation)
+
+    def entry_keys(self, hidden: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Keys ``(N, key_dim)`` of entries from their frozen hidden states and token embeddings ``(N, L, H)``."""
+        keys = self._keys(hidden, embeds, mask, self.entry_norm, self.entry_entity_pool, self.entry_relation_pool,
+                          self.entry_relation)
+        last = (mask.sum(1).long() - 1).clamp_min(0)
+        return keys[torch.arange(len(keys), device=keys.device), last]
+
+    def scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Exact scores ``(..., N)`` of queries against every entry key."""
+        return (queries @ keys.T) * self.scale.to(queries.dtype)
 
     def sub_keys(self, keys: torch.Tensor, cells: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row keys ``(side, key_dim/2)`` and column keys ``(side, key_dim/2)``: means of the entries' key halves."""
@@ -82,9 +123,9 @@ class MemoryGate(nn.Module):
         return row_keys / row_n, col_keys / col_n
 
     def half_scores(self, queries: torch.Tensor, row_keys: torch.Tensor, col_keys: torch.Tensor):
-        """Row and column scores ``(..., side)`` each, divided by the learned temperature."""
+        """Row and column scores ``(..., side)`` each."""
         half = self.key_dim // 2
-        scale = torch.exp(-self.log_temperature) / math.sqrt(half)
+        scale = self.scale.to(queries.dtype)
         return (queries[..., :half] @ row_keys.T) * scale, (queries[..., half:] @ col_keys.T) * scale
 
     def lookup(self, row_scores: torch.Tensor, col_scores: torch.Tensor, cell_entry: torch.Tensor,
@@ -110,6 +151,23 @@ class MemoryGate(nn.Module):
         chosen = entry.flatten(-2).gather(-1, flat)
         valid = torch.isfinite(scores)
         return chosen.clamp_min(0), scores.masked_fill(~valid, NEG), valid
+
+    def retrieve(self, queries: torch.Tensor, keys: torch.Tensor, cells: torch.Tensor, cell_entry: torch.Tensor,
+                 top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gate's retrieval: ``candidates**2`` cells from the product keys, re-ranked by the entries' exact
+        scores. Returns ``(entries, exact scores, valid)``, each ``(..., k)``. Cost grows like sqrt(N) plus the
+        fixed candidate set, never like N."""
+        side = math.isqrt(cell_entry.numel())
+        row_keys, col_keys = self.sub_keys(keys, cells, side)
+        rs, cs = self.half_scores(queries, row_keys, col_keys)
+        window = min(self.candidates ** 2, len(keys))
+        cand, _, cand_valid = self.lookup(rs, cs, cell_entry, top_k=window)
+        exact = (queries[..., None, :] * keys[cand]).sum(-1) * self.scale.to(queries.dtype)
+        exact = exact.masked_fill(~cand_valid, float("-inf"))
+        k = min(top_k or self.top_k, cand.shape[-1])
+        scores, order = exact.topk(k, dim=-1)
+        valid = torch.isfinite(scores)
+        return cand.gather(-1, order), scores.masked_fill(~valid, NEG), valid
 
 
 class MemoryFusion(nn.Module):

@@ -62,7 +62,9 @@ class RouterDataArguments:
 
 @dataclass
 class RouterTrainingArguments(FrozenBackboneTrainingArguments):
-    router_type: str = field(default="moe", metadata={"help": "Which routers to train.", "choices": ["moe"]})
+    router_type: str = field(default="moe", metadata={
+        "help": "Which routers to train: moe (data selection), or memory_gate (explicit memory; other flags then).",
+        "choices": ["moe"]})
     garbage_expert_ratio: float = field(
         default=0.25, metadata={"help": "Share of each layer's experts that form the garbage bin."}
     )

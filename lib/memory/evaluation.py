@@ -1,0 +1,184 @@
+"""Measuring a memory model on QA rows: exact match, log-likelihood ranking, counterfactual following, gate hits.
+
+Conditions (each a column of results.md):
+    base           the frozen model alone (memory off)
+    in_context     the frozen model with the gold entry's text pasted before the question (the upper bound)
+    memory         the memory model with the given bank
+    empty          the memory model with an empty bank (must equal base exactly)
+    irrelevant     the memory model with a bank lacking the asked people (optional)
+    counterfactual the memory model with the edited bank: how often the answer follows the edit (optional)
+Rows ``{"question", "answer", "memory_id", "choices"?, "counterfactual_answer"?}``; ``choices`` enables
+log-likelihood ranking (the answer must be among them).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+
+from lib.core.data import load_rows
+from lib.core.errors import DataError
+from lib.memory.bank import MemoryBank
+from lib.memory.data import prompt_and_answer
+
+
+def normalise(text: str) -> str:
+    text = text.lower().strip()
+    text = "".join(ch for ch in text if ch not in string.punctuation)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def load_qa(path: str, limit: int | None = None, seed: int = 0) -> list[dict]:
+    import random
+
+    rows = load_rows(path)
+    missing = {"question", "answer", "memory_id"} - set(rows.column_names)
+    if missing:
+        raise DataError(f"{path} lacks field(s) {sorted(missing)}; QA rows need question, answer and memory_id.")
+    out = [dict(r) for r in rows]
+    for n, row in enumerate(out):
+        if row.get("choices") is not None and row["answer"] not in row["choices"]:
+            raise DataError(f"{path} row {n}: the answer '{row['answer']}' is not among its choices; add it.")
+    if limit is not None and limit < len(out):
+        out = [out[i] for i in sorted(random.Random(seed).sample(range(len(out)), limit))]
+    return out
+
+
+def in_context_question(entry_text: str, question: str) -> str:
+    return f"Fact: {entry_text}.\n{question}"
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, questions: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers (left-padded batches; ``model`` is a MemoryModel or a plain causal LM)."""
+    device = next(model.parameters()).device
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [prompt_and_answer(tokenizer, q, "x")[0] for q in questions[start:start + batch_size]]
+        longest = max(map(len, prompts))
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+        for row in out[:, longest:]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, questions: list[str], choices: list[list[str]], *,
+                    batch_size: int) -> list[list[float]]:
+    """Sum of the answer tokens' log-probabilities for every choice of every question."""
+    device = next(model.parameters()).device
+    items = []
+    for qi, (question, options) in enumerate(zip(questions, choices)):
+        for option in options:
+            prompt, answer = prompt_and_answer(tokenizer, question, option)
+            items.append((qi, prompt, answer))
+    scores: list[list[float]] = [[] for _ in questions]
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        seqs = [p + a for _, p, a in chunk]
+        longest = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (longest - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in seqs], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        for row, (qi, prompt, answer) in enumerate(chunk):
+            lo = len(prompt) - 1
+            scores[qi].append(float(logp[row, lo:lo + len(answer)].sum()))
+    return scores
+
+
+def score_condition(model, tokenizer, rows: list[dict], questions: list[str], *, max_new_tokens: int,
+                    batch_size: int, target: str = "answer") -> dict:
+    """Exact match / contains of greedy answers and log-likelihood ranking accuracy against ``row[target]``."""
+    generated = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    exact = [normalise(g) == normalise(r[target]) for g, r in zip(generated, rows)]
+    contains = [normalise(r[target]) in normalise(g) for g, r in zip(generated, rows)]
+    out = {"exact_match": sum(exact) / len(rows), "contains": sum(contains) / len(rows), "answers": generated}
+    if all(r.get("choices") for r in rows):
+        lps = choice_logprobs(model, tokenizer, questions, [r["choices"] for r in rows], batch_size=batch_size * 4)
+        picked = [r["choices"][max(range(len(lp)), key=lp.__getitem__)] for r, lp in zip(rows, lps)]
+        out["ll_accuracy"] = sum(p == r[target] for p, r in zip(picked, rows)) / len(rows)
+        out["ll_picked"] = picked
+        out["logprobs"] = lps
+    return out
+
+
+@torch.no_grad()
+def gate_hits(memory, tokenizer, rows: list[dict], bank: MemoryBank, batch_size: int) -> dict:
+    """hit@1 / hit@k of the gate at the last prompt position (where the answer starts)."""
+    device = next(memory.parameters()).device
+    hits1 = hitsk = 0
+    k = memory.memory_config.top_k
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        prompts = [prompt_and_answer(tokenizer, r["question"], "x")[0] for r in chunk]
+        longest = max(map(len, prompts))
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([p + [pad] * (longest - len(p)) for p in prompts], device=device)
+        mask = torch.tensor([[1] * len(p) + [0] * (longest - len(p)) for p in prompts], device=device)
+        entries = memory.gate_forward(ids, mask)["entries"]
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        top = entries[torch.arange(len(chunk), device=device), last]
+        gold = torch.tensor([bank.index(r["memory_id"], "a QA row") for r in chunk], device=device)
+        hits1 += int((top[:, 0] == gold).sum())
+        hitsk += int((top == gold[:, None]).any(-1).sum())
+    n = len(rows)
+    side = int(memory.cell_entry.numel() ** 0.5)
+    return {"hit@1": hits1 / n, f"hit@{k}": hitsk / n, "chance@1": 1 / len(bank), "grid": f"{side}x{side}"}
+
+
+def evaluate_memory(memory, tokenizer, rows: list[dict], banks: dict[str, MemoryBank], *, max_new_tokens: int,
+                    batch_size: int, progress=print) -> dict:
+    """Every condition on ``rows``; ``banks`` holds "memory" and optionally "irrelevant" and "counterfactual"."""
+    correct = banks["memory"]
+    questions = [r["question"] for r in rows]
+    results: dict[str, dict] = {}
+
+    progress("base model (memory off)")
+    with memory.memory_off():
+        results["base"] = score_condition(memory, tokenizer, rows, questions, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size)
+        progress("base model with the gold entry in the prompt")
+        texts = [correct.texts[correct.index(r["memory_id"], "a QA row")] for r in rows]
+        results["in_context"] = score_condition(memory, tokenizer, rows,
+                                                [in_context_question(t, q) for t, q in zip(texts, questions)],
+                                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+    plan = [("memory", correct), ("empty", MemoryBank.from_texts([], tokenizer,
+                                                                 max_entry_tokens=correct.max_entry_tokens))]
+    plan += [(name, banks[name]) for name in ("irrelevant", "counterfactual") if name in banks]
+    for name, bank in plan:
+        progress(f"memory model, {name} bank ({len(bank)} entries)")
+        memory.set_bank(bank)
+        target = "counterfactual_answer" if name == "counterfactual" else "answer"
+        results[name] = score_condition(memory, tokenizer, rows, questions, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, target=target)
+        if name == "memory":
+            results["gate"] = gate_hits(memory, tokenizer, rows, bank, batch_size)
+    memory.set_bank(correct)
+    base, empty = results["base"], results["empty"]
+    results["empty_equals_base"] = (base["answers"] == empty["answers"]
+                                    and base.get("logprobs") == empty.get("logprobs"))
+    return results
+
+
+def results_markdown(results: dict, n: int, qa_file: str) -> str:
+    columns = [c for c in ("base", "in_context", "memory", "empty", "irrelevant", "counterfactual") if c in results]
+    lines = [f"QA rows: {n} from `{qa_file}`. counterfactual: how often the answer follows the edited entry.", "",
+             "| metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for metric in ("exact_match", "contains", "ll_accuracy"):
+        if any(metric in results[c] for c in columns):
+            cells = [f"{results[c][metric]:.3f}" if metric in results[c] else "–" for c in columns]
+            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    gate = results.get("gate")
+    if gate:
+        hits = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in gate.items())
+        lines += ["", f"gate (memory bank): {hits}"]
+    lines.append(f"empty bank equals base exactly: {results['empty_equals_base']}")
+    return "\n".join(lines) + "\n"
