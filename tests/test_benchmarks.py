@@ -20,7 +20,8 @@ from lib.models.moe import find_moe_routers
 from lib.selection.split import ExpertSplit, save_router_config
 from tests.conftest import ROOT, write_jsonl
 
-BENCHMARKS = ["bench_select.py", "bench_router.py", "bench_select_quality.py", "bench_selection_effect.py"]
+BENCHMARKS = ["bench_select.py", "bench_router.py", "bench_select_quality.py", "bench_selection_effect.py",
+              "bench_memory_gate.py"]
 
 
 def bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -218,3 +219,24 @@ def test_selection_effect_subsets():
     assert sorted(ids(big["random"])) == [0, 2, 3, 4, 5, 7, 8, 9]
     with pytest.raises(DataError, match="no row with a selection_score"):
         subsets([{"selection_score": None}], 0.3, seed=0)
+
+
+# ---- bench_memory_gate.py ----------------------------------------------------------------------------
+
+
+def test_bench_memory_gate_quick():
+    result = last_json(bench("bench_memory_gate.py", "--quick", "--json"))
+    rows = result["sizes"]
+    assert [(r["exponent"], r["n"], r["side"]) for r in rows] == [(10, 1024, 32), (12, 4096, 64)]
+    # The product-key lookup is exact: the same entries and scores as scoring every entry.
+    assert result["identical_topk"] and all(r["identical_topk"] and r["max_score_diff"] == 0.0 for r in rows)
+    for r in rows:
+        assert r["ratio"] == round(r["brute_ms"] / r["product_ms"], 2)
+        assert r["placement"] == "content" and r["placement_s"] is not None
+        # The brute force holds every query's score of every entry; the product path only side-wide rows.
+        assert r["brute_peak_bytes"] >= result["queries"] * r["n"] * 4 > r["product_peak_bytes"] > 0
+    assert rows[0]["product_growth"] is None
+    assert rows[1]["product_growth"] == round(rows[1]["product_ms"] / rows[0]["product_ms"], 3)
+    assert rows[1]["sqrt_n_growth"] == 2.0
+    assert result["placement"] == {"exponent": 12, "n": 4096, "seconds": rows[1]["placement_s"]}
+    assert result["threads"] >= 1 and result["torch"]

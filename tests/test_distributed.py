@@ -172,3 +172,54 @@ def test_a_user_error_ends_every_rank_at_once_and_is_printed_once(failing):
     assert errors[0] == ("error: the input of rank 0 is bad; fix it." if failing == "all"
                          else "error (rank 1): the input of rank 1 is bad; fix it.")
     assert elapsed < 120  # not the process group's 30-minute timeout
+
+
+# ---- explicit memory: the joint stage (gate and fusion both train) under DDP, ZeRO-2 and ZeRO-3 ----------------
+
+@pytest.fixture(scope="module")
+def memory_setup(tmp_path_factory):
+    """The tiny fact set and a stage-1 gate to continue from (trained in this process: one step)."""
+    import train_router
+    from lib.memory import facts
+    from tests.test_memory_model import stage_args
+
+    d = tmp_path_factory.mktemp("memory")
+    facts.build(str(d), people_count=12, seed=2, general_rows=0)
+    train_router.main(["--router_type", "memory_gate", *stage_args(d, d / "gate", "--max_steps", "1",
+                                                                   "--eval_strategy", "no")])
+    return d
+
+
+def launch_joint(launcher, setup, out_dir, *extra):
+    from tests.test_memory_model import stage_args
+
+    args = stage_args(setup, out_dir, "--init_from", str(setup / "gate"), "--max_steps", "2", "--eval_strategy",
+                      "no", "--save_strategy", "no", "--per_device_train_batch_size", "4", "--fusion_dim", "32",
+                      "--fusion_heads", "2", *extra)
+    # Settings of the saved gate (query layer, key width) come from --init_from; drop the ones it fixes.
+    return run_launcher(launcher, "train_joint.py", args)
+
+
+@pytest.fixture(scope="module")
+def ddp_memory(tmp_path_factory, memory_setup):
+    out = tmp_path_factory.mktemp("ddp_memory")
+    proc = launch_joint("torchrun", memory_setup, out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return load_file(os.path.join(out, "trainable.safetensors"))
+
+
+def test_memory_joint_ddp_trains_gate_and_fusion(ddp_memory, memory_setup):
+    before = load_file(os.path.join(memory_setup / "gate", "trainable.safetensors"))
+    changed = {n.split(".")[0] for n in before if n in ddp_memory and not torch.equal(before[n], ddp_memory[n])}
+    assert changed == {"gate"} | ({"fusions"} if any(n.startswith("fusions.") for n in before) else set())
+    assert any(n.startswith("fusions.") for n in ddp_memory)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_memory_joint_deepspeed_matches_ddp(stage, tmp_path, memory_setup, ddp_memory):
+    proc = launch_joint("deepspeed", memory_setup, tmp_path, "--deepspeed", f"ds_configs/{stage}.json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    weights = load_file(os.path.join(tmp_path, "trainable.safetensors"))
+    assert weights.keys() == ddp_memory.keys()
+    for name, weight in ddp_memory.items():
+        assert torch.allclose(weights[name], weight, atol=1e-5), (stage, name, (weights[name] - weight).abs().max())

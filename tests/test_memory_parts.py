@@ -10,7 +10,7 @@ import torch
 from lib.core.errors import DataError
 from lib.memory import facts
 from lib.memory.bank import MemoryBank
-from lib.memory.modules import MemoryFusion, MemoryGate, causal_attention_pool
+from lib.memory.modules import MemoryFusion, MemoryGate, attention_pool, causal_attention_pool
 from lib.memory.placement import grid_side, place_entries
 from lib.models.loading import load_tokenizer
 
@@ -162,15 +162,45 @@ def test_product_key_lookup_equals_brute_force(n, k):
     cells = place_entries(torch.randn(n, 16))
     cell_entry = torch.full((side * side,), -1, dtype=torch.long)
     cell_entry[cells] = torch.arange(n)
-    keys = gate.entry_keys(torch.randn(n, 32))
+    keys = gate.entry_keys(torch.randn(n, 6, 32), torch.randn(n, 6, 32), torch.ones(n, 6))
     row_keys, col_keys = gate.sub_keys(keys, cells, side)
-    rs, cs = gate.half_scores(gate.queries(torch.randn(3, 5, 32), torch.ones(3, 5)), row_keys, col_keys)
+    queries = gate.queries(torch.randn(3, 5, 32), torch.randn(3, 5, 32), torch.ones(3, 5))
+    rs, cs = gate.half_scores(queries, row_keys, col_keys)
     entries, scores, valid = gate.lookup(rs, cs, cell_entry)
     kk = min(k, n)
     ref_entries, ref_scores = brute_force_top_k(rs, cs, cell_entry, kk)
     assert valid.all() and entries.shape[-1] == kk
     assert torch.allclose(scores, ref_scores, atol=1e-5)
     assert torch.equal(entries, ref_entries)
+
+
+def test_gate_retrieve_reranks_the_product_key_candidates_exactly():
+    torch.manual_seed(1)
+    n = 90
+    gate = MemoryGate(32, key_dim=16, top_k=3, candidates=4)
+    keys = gate.entry_keys(torch.randn(n, 6, 32), torch.randn(n, 6, 32), torch.ones(n, 6))
+    side = grid_side(n)
+    cells = place_entries(keys.detach())
+    cell_entry = torch.full((side * side,), -1, dtype=torch.long)
+    cell_entry[cells] = torch.arange(n)
+    queries = gate.queries(torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.ones(2, 5))
+    entries, scores, valid = gate.retrieve(queries, keys, cells, cell_entry)
+    row_keys, col_keys = gate.sub_keys(keys, cells, side)
+    candidates, _, _ = gate.lookup(*gate.half_scores(queries, row_keys, col_keys), cell_entry, top_k=16)
+    exact = gate.scores(queries, keys)
+    # The retrieved entries are the best of the 16 product-key candidates by exact score, in order.
+    ref = exact.gather(-1, candidates).topk(3, dim=-1)
+    assert valid.all() and torch.equal(entries, candidates.gather(-1, ref.indices))
+    assert torch.allclose(scores, ref.values, atol=1e-5)
+
+
+def test_entry_pool_equals_the_causal_pool_at_the_last_token():
+    torch.manual_seed(0)
+    values, scores = torch.randn(3, 7, 4), torch.randn(3, 7)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    last = mask.sum(1) - 1
+    causal = causal_attention_pool(values, scores, mask)[torch.arange(3), last]
+    assert torch.allclose(attention_pool(values, scores, mask), causal, atol=1e-6)
 
 
 def test_causal_pool_never_sees_later_tokens():

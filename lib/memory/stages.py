@@ -176,7 +176,7 @@ def run_stage(stage: str, argv=None, extra_arguments: tuple = ()) -> dict:
     if schedules:
         trainer.add_callback(ScheduleCallback(schedules, trainer.coefs))
     if "gate" in trains:
-        trainer.add_callback(RefreshPlacement(memory))
+        trainer.add_callback(RefreshPlacement(memory, args.placement_refresh_steps))
     if stage != "gate":
         trainer.add_callback(AlphaInProgressBar(memory, trainer.callback_handler))
     for callback in [SafeCallback(MetricsFileCallback()), *user_callbacks]:

@@ -69,9 +69,10 @@ class MemoryTrainer(FrozenBackboneTrainer):
     def _gate_terms(self, memory, retrieval: dict, positions: torch.Tensor, gold: torch.Tensor,
                     teacher: torch.Tensor | None) -> torch.Tensor:
         """Gate cross-entropy at the answer positions (gold rows), soft-teacher rows, and the gate metrics."""
-        queries, keys = retrieval["queries"], retrieval["keys"]
         b_idx, t_idx = positions.nonzero(as_tuple=True)
-        q = queries[b_idx, t_idx]  # (P, key_dim)
+        if retrieval["entries"].dim() == 3:  # (B, T, k): select the answer positions
+            retrieval = {n: (v if n == "keys" else v[b_idx, t_idx]) for n, v in retrieval.items()}
+        q, keys = retrieval["queries"], retrieval["keys"]  # (P, key_dim), (N, key_dim)
         target = gold[b_idx]
         scores = memory.gate.scores(q, keys)  # (P, N)
         has_gold = target != NO_MEMORY
@@ -84,14 +85,15 @@ class MemoryTrainer(FrozenBackboneTrainer):
             cell = memory.cells[g]
             loss = loss + (F.cross_entropy(scores[has_gold], g) + F.cross_entropy(rs, cell // side)
                            + F.cross_entropy(cs, cell % side)) * has_gold.sum() / len(target)
-            entries = retrieval["entries"][b_idx, t_idx][has_gold]
+            entries = retrieval["entries"][has_gold]
             n = has_gold.sum()
             self.record("gate/hit@1", (entries[:, 0] == g).float().sum(), n)
+            self.record("gate/exhaustive_hit@1", (scores[has_gold].argmax(-1) == g).float().sum(), n)
             self.record(f"gate/hit@{entries.shape[-1]}", (entries == g[:, None]).any(-1).float().sum(), n)
         if teacher is not None and (~has_gold).any():
             soft = teacher[b_idx][~has_gold]
             loss = loss + -(soft * scores[~has_gold].log_softmax(-1)).sum(-1).mean() * (~has_gold).sum() / len(target)
-        probs = retrieval["scores"][b_idx, t_idx].masked_fill(~retrieval["valid"][b_idx, t_idx], -1e4).softmax(-1)
+        probs = retrieval["scores"].masked_fill(~retrieval["valid"], -1e4).softmax(-1)
         self.record("gate/entropy", -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum(), len(b_idx))
         return loss
 
@@ -124,7 +126,7 @@ class MemoryTrainer(FrozenBackboneTrainer):
         temperature = self.coefs["gumbel_temperature"]
         memory.gumbel_temperature = temperature if temperature > 0 else None
         if self.stage == "gate":
-            retrieval = memory.gate_forward(inputs["input_ids"], inputs["attention_mask"])
+            retrieval = memory.gate_forward(inputs["input_ids"], inputs["attention_mask"], positions)
             loss = self._gate_terms(memory, retrieval, positions, gold, self._teacher(memory, inputs))
             self.record("loss/gate", loss.detach())
             return (loss, None) if return_outputs else loss
@@ -145,7 +147,9 @@ class MemoryTrainer(FrozenBackboneTrainer):
             if gate_trains and (self.coefs["similarity_loss_coef"] or self.coefs["diversity_loss_coef"]):
                 b_idx, t_idx = positions.nonzero(as_tuple=True)
                 q = F.normalize(retrieval["queries"][b_idx, t_idx], dim=-1)
-                chosen = F.normalize(retrieval["keys"][retrieval["entries"][b_idx, t_idx]], dim=-1)  # (P, k, D)
+                entries = retrieval["entries"][b_idx, t_idx]
+                chosen = F.normalize(retrieval["keys"].index_select(0, entries.flatten()).view(*entries.shape, -1),
+                                     dim=-1)  # (P, k, D)
                 similarity = -(q[:, None, :] * chosen[:, :1]).sum(-1).mean()
                 pair = chosen @ chosen.transpose(1, 2)
                 k = pair.shape[-1]
@@ -169,13 +173,19 @@ class MemoryTrainer(FrozenBackboneTrainer):
 
 
 class RefreshPlacement(TrainerCallback):
-    """While the gate trains its keys move: place the entries in the grid again before every epoch."""
+    """While the gate trains its keys move, and a grid placed by old keys groups the wrong entries: place them
+    again every ``every`` steps (a fraction of a second for thousands of entries) and before every epoch."""
 
-    def __init__(self, memory):
+    def __init__(self, memory, every: int):
         self.memory = memory
+        self.every = every
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.memory.refresh_placement()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self.memory.refresh_placement()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.memory.refresh_placement()
