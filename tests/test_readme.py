@@ -20,7 +20,8 @@ from tests.conftest import ROOT
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("launchers")]
 BIN = os.path.dirname(sys.executable)
 MODELS = {"builtin:smollm2-135m-instruct": "builtin:tiny-llama", "Qwen/Qwen3-30B-A3B": "builtin:tiny-qwen3-moe"}
-TRAINERS = ("train_router.py", "train_target.py", "pretrain_encoder.py")
+TRAINERS = ("train_router.py", "train_target.py", "pretrain_encoder.py", "train_fusion.py", "train_joint.py",
+            "train_memory.py")
 LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
 
 
@@ -56,8 +57,15 @@ def adapt(argv: list[str]) -> list[str]:
         argv += ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1"]
         if "--report_to" not in argv:
             argv += ["--report_to", "none"]
+        if recipe and recipe.startswith("recipes/memory/"):
+            # the tiny models' small tokenizer spends more tokens per bank entry than SmolLM2's
+            argv += ["--max_entry_tokens", "48", "--max_train_rows", "16", "--max_eval_rows", "8",
+                     "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8"]
     elif script == "select_data.py":
         argv += ["--max_samples", "24", "--disable_tqdm"]
+    elif script == "evaluate.py" and "--memory_model" in argv:
+        argv[argv.index("--qa_limit") + 1] = "4"
+        argv += ["--max_new_tokens", "3"]
     elif script == "evaluate.py":
         if "--limit" in argv:
             argv[argv.index("--limit") + 1] = "2"

@@ -45,7 +45,8 @@ class MemoryModelArguments:
     memory_source: str = field(default="hidden", metadata={
         "help": "Entry tokens as the frozen model's hidden states at each fusion layer, or its token embeddings.",
         "choices": ["hidden", "embedding"]})
-    key_dim: int = field(default=128, metadata={"help": "Width of gate keys (two halves: entity and relation)."})
+    key_dim: int = field(default=128, metadata={
+        "help": "Width of gate keys (a multiple of 4: an entity half, a relation + entity half)."})
     top_k: int = field(default=4, metadata={"help": "Entries retrieved per position."})
     candidates: int = field(default=12, metadata={"help": "Rows and columns of the product-key grid kept per "
                                                           "half; candidates^2 cells are re-ranked exactly."})

@@ -191,7 +191,8 @@ def general_conversations(count: int, seed: int) -> list[list[dict]]:
         return []
     from lib.selection.pools import instruction_conversations
 
-    conversations = instruction_conversations()
+    # Short ones only (the memory recipes' --max_length refuses longer rows; most conversations are short anyway).
+    conversations = [c for c in instruction_conversations() if sum(len(m["content"]) for m in c) <= 400]
     return random.Random(seed + 3).sample(conversations, min(count, len(conversations)))
 
 

@@ -67,8 +67,8 @@ class MemoryConfig:
                             f"(retrieval happens there) and the backbone's {self.num_layers} layers.")
         if self.memory_source not in ("hidden", "embedding"):
             raise UserError(f"{where}: --memory_source must be hidden or embedding, not {self.memory_source}.")
-        if self.key_dim < 2 or self.key_dim % 2:
-            raise UserError(f"{where}: --key_dim must be a positive even number, got {self.key_dim}.")
+        if self.key_dim < 4 or self.key_dim % 4:
+            raise UserError(f"{where}: --key_dim must be a positive multiple of 4, got {self.key_dim}.")
         if self.top_k < 1 or self.candidates < 1:
             raise UserError(f"{where}: --top_k and --candidates must be at least 1.")
         if self.fusion_dim % self.fusion_heads:

@@ -68,35 +68,38 @@ class MemoryGate(nn.Module):
 
     A key has two halves, scored separately (the product-key split):
 
-    * the **entity** half: a learned attention-weighted mean of the frozen *token embeddings* (which tokens count is
-      decided from MemoryNorm(hidden)), through one fixed random projection shared by queries and entries. Two
-      texts naming the same entity share its tokens, so a name never seen in training still matches its entries;
-      a learned projection here would memorise the training names instead.
-    * the **relation** half: a learned attention-weighted mean of MemoryNorm(hidden), projected separately for
-      queries and entries (what is asked about, and what an entry states).
+    * the first half names the **entity**: a learned attention-weighted mean of the frozen *token embeddings*
+      (which tokens count is decided from MemoryNorm(hidden)), through a fixed random projection shared by queries
+      and entries. Two texts naming the same entity share its tokens, so a name never seen in training still
+      matches its entries; a learned projection here would memorise the training names instead.
+    * the second half is the **relation** (a learned attention-weighted mean of MemoryNorm(hidden), projected
+      separately for queries and entries: what is asked about, and what an entry states) next to a second, smaller
+      fixed projection of the entity. The grid's rows then group entities and its columns group (relation,
+      entity) pairs, so one row and one column meet at one entry; with the relation alone in the second half, a
+      row's several entries of one relation would compete for the same few columns.
 
-    Each half is unit-normalised, so a score is a sum of two cosines times a learned inverse temperature.
+    Every part is unit-normalised, so a score is a sum of cosines times a learned inverse temperature.
     """
 
     def __init__(self, hidden_size: int, *, key_dim: int = 128, top_k: int = 4, candidates: int = 16,
                  eps: float = 1e-6, seed: int = 0):
         super().__init__()
-        if key_dim % 2:
-            raise ValueError(f"key_dim must be even, got {key_dim}")
+        if key_dim % 4:
+            raise ValueError(f"key_dim must be a multiple of 4, got {key_dim}")
         self.hidden_size, self.key_dim, self.top_k, self.candidates = hidden_size, key_dim, top_k, candidates
-        half = key_dim // 2
+        half, quarter = key_dim // 2, key_dim // 4
         self.norm = MemoryNorm(hidden_size, eps=eps)
         self.entry_norm = MemoryNorm(hidden_size, eps=eps)
         self.entity_pool = nn.Linear(hidden_size, 1)
         self.entry_entity_pool = nn.Linear(hidden_size, 1)
         self.relation_pool = nn.Linear(hidden_size, 1)
         self.entry_relation_pool = nn.Linear(hidden_size, 1)
-        self.query_relation = nn.Linear(hidden_size, half)
-        self.entry_relation = nn.Linear(hidden_size, half)
-        # Fixed (seeded, saved with the weights): orthonormal rows keep distinct token sets apart.
+        self.query_relation = nn.Linear(hidden_size, quarter)
+        self.entry_relation = nn.Linear(hidden_size, quarter)
+        # Fixed (seeded, saved with the weights): orthonormal columns keep distinct token sets apart.
         generator = torch.Generator().manual_seed(seed)
-        projection = torch.randn(hidden_size, half, generator=generator) / math.sqrt(hidden_size)
-        if half <= hidden_size:
+        projection = torch.randn(hidden_size, half + quarter, generator=generator) / math.sqrt(hidden_size)
+        if half + quarter <= hidden_size:
             projection = torch.linalg.qr(projection)[0]
         self.register_buffer("entity_projection", projection.contiguous())
         self.temperature = Temperature()
@@ -106,17 +109,20 @@ class MemoryGate(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        """Inverse temperature of the scores (10 at initialisation: two cosines give a usable softmax)."""
+        """Inverse temperature of the scores (10 at initialisation: the cosines give a usable softmax)."""
         return self.temperature()
 
     def _keys(self, hidden, embeds, mask, norm, entity_pool, relation_pool, relation, pool=None):
         pool = pool or causal_attention_pool
+        half = self.key_dim // 2
         normed = norm(hidden)
         entity = pool(embeds, entity_pool(normed).squeeze(-1), mask)
         entity = entity.to(self.entity_projection.dtype) @ self.entity_projection
         rel = relation(pool(normed, relation_pool(normed).squeeze(-1), mask))
-        return torch.cat([nn.functional.normalize(entity.to(rel.dtype), dim=-1),
-                          nn.functional.normalize(rel, dim=-1)], dim=-1)
+        unit = nn.functional.normalize
+        entity = entity.to(rel.dtype)
+        second = torch.cat([unit(rel, dim=-1), unit(entity[..., half:], dim=-1)], dim=-1) / math.sqrt(2.0)
+        return torch.cat([unit(entity[..., :half], dim=-1), second], dim=-1)
 
     def queries(self, hidden: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Causal queries ``(B, T, key_dim)`` from hidden states and token embeddings ``(B, T, H)``."""
@@ -149,15 +155,17 @@ class MemoryGate(nn.Module):
         return (queries[..., :half] @ row_keys.T) * scale, (queries[..., half:] @ col_keys.T) * scale
 
     def lookup(self, row_scores: torch.Tensor, col_scores: torch.Tensor, cell_entry: torch.Tensor,
-               top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               top_k: int | None = None, empty: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k occupied cells: ``(entry indices, cell scores, valid)``, each ``(..., k)``.
 
         The best k cells by ``row + column`` score always lie among the k best rows x k best columns, so taking
         ``max(k, candidates)`` of each half returns exactly the top k of scoring every cell. Empty cells
-        (``cell_entry == -1``) are never returned; fewer than k entries come back marked invalid.
+        (``cell_entry == -1``) are never returned; fewer than k entries come back marked invalid. ``empty`` (the
+        number of empty cells) can be given once per bank, so that a lookup never counts over the whole grid.
         """
         side = row_scores.shape[-1]
-        empty = int((cell_entry < 0).sum())
+        if empty is None:
+            empty = int((cell_entry < 0).sum())
         k = min(top_k or self.top_k, cell_entry.numel() - empty)
         # Widen the window by the number of empty cells, so that k occupied cells always lie inside it.
         c = min(side, max(k, self.candidates) + empty)
@@ -181,7 +189,7 @@ class MemoryGate(nn.Module):
         row_keys, col_keys = self.sub_keys(keys, cells, side)
         rs, cs = self.half_scores(queries, row_keys, col_keys)
         window = min(self.candidates ** 2, len(keys))
-        cand, _, cand_valid = self.lookup(rs, cs, cell_entry, top_k=window)
+        cand, _, cand_valid = self.lookup(rs, cs, cell_entry, top_k=window, empty=cell_entry.numel() - len(keys))
         picked = keys.index_select(0, cand.flatten()).view(*cand.shape, -1)  # deterministic backward on CPU
         exact = (queries[..., None, :] * picked).sum(-1) * self.scale.to(queries.dtype)
         exact = exact.masked_fill(~cand_valid, float("-inf"))
