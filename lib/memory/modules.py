@@ -216,6 +216,7 @@ class MemoryFusion(nn.Module):
         # The "nothing relevant" slot: attending to it adds nothing.
         self.null_key = nn.Parameter(torch.zeros(fusion_dim))
         self.alpha = nn.Parameter(torch.zeros(1))
+        self.last_gate: torch.Tensor | None = None
 
     def project_memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of entry tokens ``(..., L, H)`` -> ``(..., L, fusion_dim)`` each."""
@@ -236,4 +237,7 @@ class MemoryFusion(nn.Module):
         logits = torch.einsum("bthd,btmhd->bthm", q, k) * scale + bias[:, :, None, :].to(q.dtype)
         attn = torch.softmax(torch.cat([null, logits], dim=-1).float(), dim=-1).to(v.dtype)
         fused = self.o(torch.einsum("bthm,btmhd->bthd", attn[..., 1:], v).reshape(b, t, heads * hd))
-        return hidden + torch.tanh(self.alpha).to(hidden.dtype) * fused
+        gate = torch.tanh(self.alpha)
+        # Kept for logging: under ZeRO-3 alpha is only whole inside this forward.
+        self.last_gate = gate.detach().float().reshape(())
+        return hidden + gate.to(hidden.dtype) * fused

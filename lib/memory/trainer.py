@@ -77,19 +77,20 @@ class MemoryTrainer(FrozenBackboneTrainer):
         scores = memory.gate.scores(q, keys)  # (P, N)
         has_gold = target != NO_MEMORY
         loss = scores.new_zeros(())
-        if has_gold.any():
-            g = target[has_gold]
+        g = target[has_gold]
+        entries = retrieval["entries"][has_gold]
+        if len(g):
             side = int(memory.cell_entry.numel() ** 0.5)
             row_keys, col_keys = memory.gate.sub_keys(keys, memory.cells, side)
             rs, cs = memory.gate.half_scores(q[has_gold], row_keys, col_keys)
             cell = memory.cells[g]
             loss = loss + (F.cross_entropy(scores[has_gold], g) + F.cross_entropy(rs, cell // side)
-                           + F.cross_entropy(cs, cell % side)) * has_gold.sum() / len(target)
-            entries = retrieval["entries"][has_gold]
-            n = has_gold.sum()
-            self.record("gate/hit@1", (entries[:, 0] == g).float().sum(), n)
-            self.record("gate/exhaustive_hit@1", (scores[has_gold].argmax(-1) == g).float().sum(), n)
-            self.record(f"gate/hit@{entries.shape[-1]}", (entries == g[:, None]).any(-1).float().sum(), n)
+                           + F.cross_entropy(cs, cell % side)) * len(g) / len(target)
+        # Recorded on every process even with no gold rows here (count 0): record() is a collective.
+        n = len(g)
+        self.record("gate/hit@1", (entries[:, 0] == g).float().sum(), n)
+        self.record("gate/exhaustive_hit@1", (scores[has_gold].argmax(-1) == g).float().sum(), n)
+        self.record(f"gate/hit@{entries.shape[-1]}", (entries == g[:, None]).any(-1).float().sum(), n)
         if teacher is not None and (~has_gold).any():
             soft = teacher[b_idx][~has_gold]
             loss = loss + -(soft * scores[~has_gold].log_softmax(-1)).sum(-1).mean() * (~has_gold).sum() / len(target)
@@ -162,7 +163,8 @@ class MemoryTrainer(FrozenBackboneTrainer):
         if held:  # a held gate still gets a (zero) gradient, which DDP and ZeRO expect of every trained parameter
             loss = loss + 0.0 * sum(p.sum() for p in held)
         for layer, fusion in memory.fusions.items():
-            self.record(f"fusion/alpha/{layer}", torch.tanh(fusion.alpha.detach()).reshape(()))
+            if fusion.last_gate is not None:  # tanh(alpha) as the last forward used it
+                self.record(f"fusion/alpha/{layer}", fusion.last_gate)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -205,5 +207,6 @@ class AlphaInProgressBar(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         bar = getattr(self.progress, "training_bar", None)
         if bar is not None:
-            text = " ".join(f"α{layer}={torch.tanh(f.alpha).item():.4f}" for layer, f in self.memory.fusions.items())
+            text = " ".join(f"α{layer}={f.last_gate.item():.4f}" for layer, f in self.memory.fusions.items()
+                            if f.last_gate is not None)
             bar.set_postfix_str(text, refresh=False)
