@@ -21,7 +21,7 @@ from lib.selection.split import ExpertSplit, save_router_config
 from tests.conftest import ROOT, write_jsonl
 
 BENCHMARKS = ["bench_select.py", "bench_router.py", "bench_select_quality.py", "bench_selection_effect.py",
-              "bench_memory_gate.py"]
+              "bench_memory_gate.py", "bench_memory.py"]
 
 
 def bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -240,3 +240,30 @@ def test_bench_memory_gate_quick():
     assert rows[1]["sqrt_n_growth"] == 2.0
     assert result["placement"] == {"exponent": 12, "n": 4096, "seconds": rows[1]["placement_s"]}
     assert result["threads"] >= 1 and result["torch"]
+
+
+# ---- bench_memory.py ---------------------------------------------------------------------------------
+
+
+def test_bench_memory_reports_every_condition(tmp_path):
+    import train_router
+    from lib.memory import facts
+    from tests.test_memory_model import stage_args
+
+    facts.build(str(tmp_path), people_count=12, seed=3, general_rows=0)
+    train_router.main(["--router_type", "memory_gate", *stage_args(tmp_path, tmp_path / "gate", "--max_steps", "1",
+                                                                   "--eval_strategy", "no")])
+    result = last_json(bench("bench_memory.py", "--memory_model", str(tmp_path / "gate"), "--facts", str(tmp_path),
+                             "--limit", "4", "--max_new_tokens", "2", "--json"))
+    test, trained = result["test"], result["trained"]
+    assert set(test) >= {"base", "in_context", "memory", "empty", "irrelevant", "counterfactual", "gate"}
+    assert set(trained) >= {"base", "in_context", "memory", "empty", "counterfactual"}
+    # A gate alone (alpha = 0 everywhere) reads nothing: every bank answers like the base model.
+    for group in (test, trained):
+        assert group["empty_equals_base"] is True
+        assert group["memory"]["ll_accuracy"] == group["base"]["ll_accuracy"]
+    assert test["gate"]["chance@1"] == pytest.approx(1 / 72)
+    bound = test["in_context"]["ll_accuracy"]
+    assert ("memory_over_in_context_ll" in result) == (bound > 0)
+    if bound > 0:
+        assert result["memory_over_in_context_ll"] == round(test["memory"]["ll_accuracy"] / bound, 3)
