@@ -65,6 +65,9 @@ def main(argv=None) -> dict:
     if args.adapter:
         check_adapter_dir(args.adapter)  # before any model is loaded
 
+    if args.memory_model and not args.task_names and not args.task_file:
+        return evaluate_memory_model(args, [], None, None, {})  # QA rows only: no lm-eval tasks to set up
+
     with tempfile.TemporaryDirectory(prefix="sidekit-tasks-") as scratch:
         # ---- tasks: lm-eval's own names, from the hub or the offline pack; the user's own file ------------
         source = args.task_source if args.task_source != "auto" else ("hub" if hub_reachable() else "pack")
@@ -157,8 +160,11 @@ def evaluate_memory_model(args, names, manager, source, pack_notes) -> dict:
                 # The hooked backbone is the memory model; lm-eval sees an ordinary transformers model.
                 runs[name] = run_lm_eval(memory.backbone, tokenizer, names, manager, limit=args.limit,
                                          num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
+            evaluated = set().union(*(r.get("results", {}).keys() for r in runs.values()))
             table = write_results(args.output_dir, runs, args=args, model_name=memory.memory_config.base_model,
-                                  task_source=source, device=device, split_notes={})
+                                  task_source=source, device=device,
+                                  split_notes={t: n for t, n in pack_notes.items()
+                                               if t in evaluated and n["substituted"]})
         out["lm_eval"] = runs
         print("\n" + table, flush=True)
     print(f"results: {os.path.abspath(args.output_dir)}", flush=True)

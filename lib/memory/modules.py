@@ -227,7 +227,7 @@ class MemoryFusion(nn.Module):
                 bias: torch.Tensor) -> torch.Tensor:
         """hidden ``(B, T, H)``; keys/values ``(B, T, M, D)`` (M = k entries x L tokens); bias ``(B, T, M)`` holds
         the gate's log-weights and the padding mask. Returns ``hidden + tanh(alpha) * fused``."""
-        b, t, m, d = keys.shape
+        b, t, m, _ = keys.shape
         heads, hd = self.num_heads, self.head_dim
         q = self.q(self.norm(hidden)).view(b, t, heads, hd)
         k, v = keys.view(b, t, m, heads, hd), values.view(b, t, m, heads, hd)
