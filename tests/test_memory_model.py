@@ -3,6 +3,7 @@ retrieval, content-addressed lookup, what each stage trains, save/load, resume, 
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -172,19 +173,17 @@ def test_saved_model_loads_in_one_call_and_swaps_banks(stages, fact_dir):
 def test_resume_equals_uninterrupted(tmp_path, fact_dir, stages):
     import train_fusion
 
-    common = ["--init_from", str(stages["gate"]), "--max_steps", "4", "--save_strategy", "steps",
-              "--save_steps", "2", "--eval_strategy", "no"]
+    common = ["--init_from", str(stages["gate"]), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+              "--eval_strategy", "no"]
     train_fusion.main(stage_args(fact_dir, tmp_path / "full", *common))
-    train_fusion.main(stage_args(fact_dir, tmp_path / "cut", *common[:-2], "--eval_strategy", "no",
-                                 "--max_steps", "4"))
+    # The same run cut after step 2: its last checkpoint and final weights removed, then resumed.
+    train_fusion.main(stage_args(fact_dir, tmp_path / "cut", *common))
     os.remove(tmp_path / "cut" / "trainable.safetensors")
-    import shutil
-
     shutil.rmtree(tmp_path / "cut" / "checkpoint-4")
     train_fusion.main(stage_args(fact_dir, tmp_path / "cut", *common, "--resume_from_checkpoint", "true"))
     full = load_file(str(tmp_path / "full" / "trainable.safetensors"))
     resumed = load_file(str(tmp_path / "cut" / "trainable.safetensors"))
-    assert all(torch.equal(full[n], resumed[n]) for n in full)
+    assert full.keys() == resumed.keys() and all(torch.equal(full[n], resumed[n]) for n in full)
 
 
 def test_evaluate_reports_every_bank(stages, fact_dir, tmp_path):
