@@ -185,3 +185,22 @@ def load_user_callbacks(specs: list[str] | None) -> list[TrainerCallback]:
                 raise UserError(f"--callbacks {item} is not a transformers.TrainerCallback (subclass it).")
             out.append(SafeCallback(callback))
     return out
+
+
+class ProgressBarPostfix(TrainerCallback):
+    """Shows ``describe()`` (e.g. a gate's value, ``α=0.0123``) after the training progress bar, every step."""
+
+    def __init__(self, callback_handler, describe):
+        self.handler = callback_handler
+        self.describe = describe
+        self.progress = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from transformers.trainer_callback import ProgressCallback
+
+        self.progress = next((c for c in self.handler.callbacks if isinstance(c, ProgressCallback)), None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        bar = getattr(self.progress, "training_bar", None)
+        if bar is not None:
+            bar.set_postfix_str(self.describe(), refresh=False)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_callback import ProgressCallback
 
+from lib.core.callbacks import ProgressBarPostfix
 from lib.core.trainer import FrozenBackboneTrainer
 from lib.memory.data import NO_MEMORY
 
@@ -193,20 +193,9 @@ class RefreshPlacement(TrainerCallback):
         self.memory.refresh_placement()
 
 
-class AlphaInProgressBar(TrainerCallback):
+class AlphaInProgressBar(ProgressBarPostfix):
     """Shows tanh(alpha) of every fusion layer in the progress bar (``α12=0.0123 α20=0.0040``)."""
 
     def __init__(self, memory, callback_handler):
-        self.memory = memory
-        self.handler = callback_handler
-        self.progress: ProgressCallback | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.progress = next((c for c in self.handler.callbacks if isinstance(c, ProgressCallback)), None)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        bar = getattr(self.progress, "training_bar", None)
-        if bar is not None:
-            text = " ".join(f"α{layer}={f.last_gate.item():.4f}" for layer, f in self.memory.fusions.items()
-                            if f.last_gate is not None)
-            bar.set_postfix_str(text, refresh=False)
+        super().__init__(callback_handler, lambda: " ".join(
+            f"α{layer}={f.last_gate.item():.4f}" for layer, f in memory.fusions.items() if f.last_gate is not None))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
 
+from lib.core.callbacks import ProgressBarPostfix
 from lib.core.trainer import FrozenBackboneTrainer
 from lib.tools.losses import residual_logits, tool_encoder_loss, tool_logits
 
@@ -66,18 +65,8 @@ def encoder_metrics(eval_pred) -> dict[str, float]:
     return out
 
 
-class GateInProgressBar(TrainerCallback):
+class GateInProgressBar(ProgressBarPostfix):
     """Shows the gate value in the training progress bar (``α=0.0123``)."""
 
     def __init__(self, encoder, callback_handler):
-        self.encoder = encoder
-        self.handler = callback_handler
-        self.progress: ProgressCallback | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.progress = next((c for c in self.handler.callbacks if isinstance(c, ProgressCallback)), None)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        bar = getattr(self.progress, "training_bar", None)
-        if bar is not None:
-            bar.set_postfix_str(f"α={self.encoder.alpha.item():.4f}", refresh=False)
+        super().__init__(callback_handler, lambda: f"α={encoder.alpha.item():.4f}")
