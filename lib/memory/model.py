@@ -122,6 +122,21 @@ def encode_bank(backbone, bank: MemoryBank, layers: list[int], batch_size: int =
             for layer, chunks in out.items()}
 
 
+def cached_bank_features(weights: str, bank: MemoryBank, layers: list[int], dtype: torch.dtype,
+                         compute) -> dict[int, torch.Tensor]:
+    """:func:`encode_bank`'s result through the disk cache, keyed by the backbone weights' fingerprint, the bank's
+    fingerprint, the layers and the dtype; ``compute()`` returns it when the cache has not. An empty bank costs
+    nothing and is never stored."""
+    from lib.core.cache import cached_tensor
+
+    if not len(bank):
+        return compute()
+    key = (f"memory-{weights.split(':')[-1][:16]}-{bank.fingerprint()}-{'_'.join(map(str, layers))}-"
+           f"{str(dtype).split('.')[-1]}")
+    stacked, _ = cached_tensor("memory", key, lambda: torch.stack([compute()[layer] for layer in layers]))
+    return {layer: stacked[i] for i, layer in enumerate(layers)}
+
+
 class _StopForward(Exception):
     """Raised after the query layer when only the gate is wanted (the layers above would be wasted work)."""
 
@@ -173,8 +188,12 @@ class MemoryModel(nn.Module):
                             f"memory model {self.memory_config.max_entry_tokens}; load it with the same "
                             "--max_entry_tokens.")
         if features is None:
-            with self.memory_off():
-                features = encode_bank(self.backbone, bank, self.feature_layers())
+            def compute():
+                with self.memory_off():
+                    return encode_bank(self.backbone, bank, self.feature_layers())
+
+            features = cached_bank_features(self.weights_fingerprint(), bank, self.feature_layers(),
+                                            next(self.backbone.parameters()).dtype, compute)
         device = next(self.backbone.parameters()).device
         dtype = self.gate.query_relation.weight.dtype
         self.features = nn.Module()
@@ -184,6 +203,17 @@ class MemoryModel(nn.Module):
         self.bank = bank
         self._bank_version = getattr(self, "_bank_version", 0) + 1
         self.refresh_placement()
+
+    def weights_fingerprint(self) -> str:
+        """The backbone weights' content fingerprint (of the files when they are on disk), computed once."""
+        if getattr(self, "_weights_fingerprint", None) is None:
+            from lib.core.cache import tensors_fingerprint
+            from lib.models.loading import weights_fingerprint
+
+            config = self.memory_config
+            self._weights_fingerprint = (weights_fingerprint(config.base_model, config.base_model_revision)
+                                         or tensors_fingerprint(dict(self.backbone.named_parameters())))
+        return self._weights_fingerprint
 
     def entry_features(self, layer: int) -> torch.Tensor:
         return getattr(self.features, f"layer{layer}")

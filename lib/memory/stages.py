@@ -13,38 +13,30 @@ STAGES = {
 }
 
 
-def bank_features(model_args, args, bank, layers: list[int], backbone):
-    """The bank's frozen representations, cached on disk by the weights' content, the bank and the layers.
+def bank_features(model_args, args, memory, bank):
+    """The bank's frozen representations through the disk cache (:func:`lib.memory.model.cached_bank_features`).
 
     Under ZeRO-3 the loaded backbone is partitioned and cannot run alone, so a full copy reads the bank."""
-    import torch
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from lib.core.cache import cached_tensor, tensors_fingerprint
-    from lib.memory.model import encode_bank
+    from lib.memory.model import cached_bank_features, encode_bank
     from lib.models.deepspeed import zero3_init_disabled
-    from lib.models.loading import load_model, weights_fingerprint
+    from lib.models.loading import load_model
 
-    weights = weights_fingerprint(model_args.model_name_or_path, model_args.model_revision)
-    if weights is None:
-        weights = tensors_fingerprint(dict(backbone.named_parameters()))
-    key = f"memory-{weights.split(':')[-1][:16]}-{bank.fingerprint()}-{'_'.join(map(str, layers))}-" \
-          f"{str(next(backbone.parameters()).dtype).split('.')[-1]}"
+    layers = memory.feature_layers()
 
     def compute():
-        if is_deepspeed_zero3_enabled():
-            with zero3_init_disabled(args):
-                full = load_model(model_args.model_name_or_path, dtype=model_args.dtype,
-                                  revision=model_args.model_revision)
-            features = encode_bank(full, bank, layers)
-            del full
-        else:
-            features = encode_bank(backbone, bank, layers)
-        return torch.stack([features[layer] for layer in layers])
+        if not is_deepspeed_zero3_enabled():
+            with memory.memory_off():
+                return encode_bank(memory.backbone, bank, layers)
+        with zero3_init_disabled(args):
+            full = load_model(model_args.model_name_or_path, dtype=model_args.dtype,
+                              revision=model_args.model_revision)
+        return encode_bank(full, bank, layers)
 
     with args.main_process_first(desc="bank features"):
-        stacked, _ = cached_tensor("memory", key, compute)
-    return {layer: stacked[i] for i, layer in enumerate(layers)}
+        return cached_bank_features(memory.weights_fingerprint(), bank, layers,
+                                    next(memory.backbone.parameters()).dtype, compute)
 
 
 def run_stage(stage: str, argv=None, extra_arguments: tuple = ()) -> dict:
@@ -130,7 +122,7 @@ def run_stage(stage: str, argv=None, extra_arguments: tuple = ()) -> dict:
     for part in ("gate", "fusions"):
         getattr(memory, part).requires_grad_(part in trains)
     memory.retrieval = args.retrieval if stage != "gate" else "gate"
-    memory.set_bank(bank, bank_features(model_args, args, bank, memory.feature_layers(), backbone))
+    memory.set_bank(bank, bank_features(model_args, args, memory, bank))
 
     # ---- data --------------------------------------------------------------------------------------
     needs_gold = memory.retrieval == "gold"
