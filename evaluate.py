@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     memory_folder = peek_setting(argv, "memory_model")
     if memory_folder and not peek_setting(argv, "model_name_or_path"):
-        from lib.memory.model import MemoryConfig
+        from lib.memory.config import MemoryConfig
 
         argv += ["--model_name_or_path", MemoryConfig.load(memory_folder).base_model]
     model_args, args = parse_args((ModelArguments, EvaluateArguments), argv)

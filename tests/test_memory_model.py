@@ -12,12 +12,8 @@ from safetensors.torch import load_file
 from lib.core.errors import DataError, UserError
 from lib.memory import facts
 from lib.memory.bank import MemoryBank
-from lib.memory.model import (
-    MemoryConfig,
-    MemoryModel,
-    load_memory_model,
-    memory_parts_from,
-)
+from lib.memory.config import MemoryConfig
+from lib.memory.model import MemoryModel, load_memory_model, memory_parts_from
 from lib.models.loading import load_model, load_tokenizer
 
 MODEL = "builtin:tiny-llama"

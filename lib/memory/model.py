@@ -15,79 +15,20 @@ never saved: the bank itself is saved as text, so a person can edit it and a new
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from lib.core.errors import UserError
-from lib.core.files import atomic_path, write_json
+from lib.core.files import atomic_path
 from lib.memory.bank import MemoryBank
+from lib.memory.config import MemoryConfig
 from lib.memory.modules import NEG, MemoryFusion, MemoryGate
 from lib.memory.placement import grid_side, place_entries
 
-CONFIG_FILE = "memory_config.json"
 WEIGHTS_FILE = "trainable.safetensors"
 RETRIEVALS = ("gate", "gold", "none")
-
-
-@dataclass
-class MemoryConfig:
-    """Everything needed to rebuild the memory parts around a backbone (saved as memory_config.json)."""
-
-    base_model: str
-    hidden_size: int
-    num_layers: int
-    base_model_revision: str | None = None
-    query_layer: int = 12
-    fusion_layers: list[int] = field(default_factory=lambda: [12, 20])
-    memory_source: str = "hidden"  # entry tokens as the fusion layer's hidden states, or "embedding"
-    key_dim: int = 128
-    top_k: int = 4
-    candidates: int = 12
-    fusion_dim: int = 256
-    fusion_heads: int = 4
-    max_entry_tokens: int = 16
-    stage: str = ""
-    bank_size: int = 0
-    bank_fingerprint: str = ""
-
-    def check(self) -> None:
-        where = "memory settings"
-        if not 1 <= self.query_layer <= self.num_layers:
-            raise UserError(f"{where}: --query_layer {self.query_layer} must be between 1 and the backbone's "
-                            f"{self.num_layers} layers.")
-        if not self.fusion_layers:
-            raise UserError(f"{where}: --fusion_layers is empty; name at least one layer.")
-        bad = [f for f in self.fusion_layers if not self.query_layer <= f <= self.num_layers]
-        if bad:
-            raise UserError(f"{where}: fusion layer(s) {bad} must lie between --query_layer {self.query_layer} "
-                            f"(retrieval happens there) and the backbone's {self.num_layers} layers.")
-        if self.memory_source not in ("hidden", "embedding"):
-            raise UserError(f"{where}: --memory_source must be hidden or embedding, not {self.memory_source}.")
-        if self.key_dim < 4 or self.key_dim % 4:
-            raise UserError(f"{where}: --key_dim must be a positive multiple of 4, got {self.key_dim}.")
-        if self.top_k < 1 or self.candidates < 1:
-            raise UserError(f"{where}: --top_k and --candidates must be at least 1.")
-        if self.fusion_dim % self.fusion_heads:
-            raise UserError(f"{where}: --fusion_dim {self.fusion_dim} must be divisible by --fusion_heads "
-                            f"{self.fusion_heads}.")
-
-    def save(self, output_dir: str) -> None:
-        write_json(os.path.join(output_dir, CONFIG_FILE), asdict(self))
-
-    @classmethod
-    def load(cls, folder: str) -> MemoryConfig:
-        path = os.path.join(folder, CONFIG_FILE)
-        if not os.path.exists(path):
-            raise UserError(f"{folder} holds no {CONFIG_FILE}; pass the output folder of train_router.py "
-                            "--router_type memory_gate, train_fusion.py, train_joint.py or train_memory.py.")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 def decoder_layers(backbone) -> nn.ModuleList:
@@ -450,11 +391,3 @@ def load_memory_model(folder: str, *, bank: str | MemoryBank | None = None, dtyp
                                truncate=truncate_entries, allow_empty=True)
     model.set_bank(bank)
     return model.eval(), tokenizer
-
-
-def default_layers(num_layers: int) -> tuple[int, list[int]]:
-    """Query layer at ~40% of the depth (middle layers tell what a question asks about; measured on SmolLM2, whose
-    layer 4 generalised to unseen phrasings far worse than layer 12), fusion there and at ~67%."""
-    query = max(1, round(num_layers * 0.4))
-    fusion = sorted({query, max(query, round(num_layers * 0.67))})
-    return query, fusion

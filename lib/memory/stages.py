@@ -68,13 +68,9 @@ def run_stage(stage: str, argv=None, extra_arguments: tuple = ()) -> dict:
         MemoryTrainingArguments,
     )
     from lib.memory.bank import MemoryBank
+    from lib.memory.config import MemoryConfig, default_layers
     from lib.memory.data import load_memory_rows, mix_general
-    from lib.memory.model import (
-        MemoryConfig,
-        MemoryModel,
-        default_layers,
-        memory_parts_from,
-    )
+    from lib.memory.model import MemoryModel, memory_parts_from
     from lib.memory.trainer import AlphaInProgressBar, MemoryTrainer, RefreshPlacement
     from lib.models.args import ModelArguments
     from lib.models.loading import load_model_and_tokenizer
