@@ -194,8 +194,7 @@ def launch_joint(launcher, setup, out_dir, *extra):
     from tests.test_memory_model import stage_args
 
     args = stage_args(setup, out_dir, "--init_from", str(setup / "gate"), "--max_steps", "2", "--eval_strategy",
-                      "no", "--save_strategy", "no", "--per_device_train_batch_size", "4", "--fusion_dim", "32",
-                      "--fusion_heads", "2", *extra)
+                      "no", "--save_strategy", "no", "--per_device_train_batch_size", "4", *extra)
     # Settings of the saved gate (query layer, key width) come from --init_from; drop the ones it fixes.
     return run_launcher(launcher, "train_joint.py", args)
 

@@ -218,11 +218,48 @@ def test_causal_pool_never_sees_later_tokens():
 
 def test_fusion_starts_shut_then_opens():
     torch.manual_seed(0)
-    fusion = MemoryFusion(16, fusion_dim=8, num_heads=2)
-    hidden, memory = torch.randn(2, 3, 16), torch.randn(2, 3, 5, 16)
-    keys, values = fusion.project_memory(memory)
+    fusion = MemoryFusion(16, num_heads=4, num_kv_heads=2)
+    hidden_in, hidden_out, memory = torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.randn(6, 5, 16)
+    keys, values = fusion.project_memory(memory, None)  # (6, 5, 2, 4)
+    pick = torch.tensor([0, 1, 2, 3, 4, 5])
+    keys, values = keys[pick].view(2, 3, 5, 2, 4), values[pick].view(2, 3, 5, 2, 4)
     bias = torch.zeros(2, 3, 5)
-    assert torch.equal(fusion(hidden, keys, values, bias), hidden)
+    assert torch.equal(fusion(hidden_in, hidden_out, keys, values, bias), hidden_out)
     with torch.no_grad():
         fusion.alpha.fill_(0.5)
-    assert not torch.allclose(fusion(hidden, keys, values, bias), hidden)
+    assert not torch.allclose(fusion(hidden_in, hidden_out, keys, values, bias), hidden_out)
+
+
+def test_fusion_reads_an_entry_like_the_layer_reads_context():
+    """Copied from a decoder layer, with the null slot off, the fusion's read of an entry equals that layer's own
+    attention output over the same tokens placed before the query (rotary positions -L..-1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lib.memory.modules import rotate
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    layer = model.model.layers[0]
+    fusion = MemoryFusion(32, num_heads=4, num_kv_heads=2, head_dim=8, eps=config.rms_norm_eps)
+    assert fusion.copy_attention(layer)
+    with torch.no_grad():
+        fusion.alpha.fill_(100.0)
+        fusion.null_logit.fill_(-1e4)
+    entry, query = torch.randn(1, 5, 32), torch.randn(1, 1, 32)
+    # Reference: the layer's attention at the query position over [entry tokens, query] minus its own token.
+    both = torch.cat([entry, query], dim=1)
+    cos, sin = model.model.rotary_emb(both, torch.arange(-5, 1)[None])
+    normed = layer.input_layernorm(both)
+    q = rotate(layer.self_attn.q_proj(normed).view(1, 6, 4, 8), cos[:, :, None], sin[:, :, None])[:, -1]
+    k = rotate(layer.self_attn.k_proj(normed).view(1, 6, 2, 8), cos[:, :, None], sin[:, :, None])[:, :5]
+    v = layer.self_attn.v_proj(normed).view(1, 6, 2, 8)[:, :5]
+    k, v = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # (1, 5, 4, 8)
+    attn = torch.softmax(torch.einsum("bhd,bmhd->bhm", q, k) / 8 ** 0.5, dim=-1)
+    expected = layer.self_attn.o_proj(torch.einsum("bhm,bmhd->bhd", attn, v).reshape(1, 32))
+    with torch.no_grad():
+        keys, values = fusion.project_memory(entry, (cos[0, :5], sin[0, :5]))
+        out = fusion(query, torch.zeros(1, 1, 32), keys[None], values[None], torch.zeros(1, 1, 5),
+                     (cos[:, 5:], sin[:, 5:]))
+    assert torch.allclose(out[0], expected, atol=1e-5)

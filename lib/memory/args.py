@@ -50,8 +50,6 @@ class MemoryModelArguments:
     top_k: int = field(default=4, metadata={"help": "Entries retrieved per position."})
     candidates: int = field(default=12, metadata={"help": "Rows and columns of the product-key grid kept per "
                                                           "half; candidates^2 cells are re-ranked exactly."})
-    fusion_dim: int = field(default=256, metadata={"help": "Width of the fusion cross-attention."})
-    fusion_heads: int = field(default=4, metadata={"help": "Heads of the fusion cross-attention."})
 
     def layers(self) -> list[int] | None:
         if self.fusion_layers in (None, ""):
@@ -87,6 +85,9 @@ class MemoryTrainingArguments(FrozenBackboneTrainingArguments):
     schedule: str | None = field(default=None, metadata={"help": "JSON list (a YAML list in a recipe) of value "
                                                                   "schedules, e.g. gumbel_temperature 1.5 -> 0.5."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    fusion_gate_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the fusion gates (alpha) and null logits, without weight decay; they start shut and "
+                "must move far, while the copied attention weights move little (default: --learning_rate)."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per device per step."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps (alpha every step by default)."})
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate held-out rows."})

@@ -21,13 +21,11 @@ class MemoryConfig:
     num_layers: int
     base_model_revision: str | None = None
     query_layer: int = 12
-    fusion_layers: list[int] = field(default_factory=lambda: [12, 20])
+    fusion_layers: list[int] = field(default_factory=lambda: list(range(12, 31)))
     memory_source: str = "hidden"  # entry tokens as the fusion layer's hidden states, or "embedding"
     key_dim: int = 128
     top_k: int = 4
     candidates: int = 12
-    fusion_dim: int = 256
-    fusion_heads: int = 4
     max_entry_tokens: int = 16
     stage: str = ""
     bank_size: int = 0
@@ -50,9 +48,6 @@ class MemoryConfig:
             raise UserError(f"{where}: --key_dim must be a positive multiple of 4, got {self.key_dim}.")
         if self.top_k < 1 or self.candidates < 1:
             raise UserError(f"{where}: --top_k and --candidates must be at least 1.")
-        if self.fusion_dim % self.fusion_heads:
-            raise UserError(f"{where}: --fusion_dim {self.fusion_dim} must be divisible by --fusion_heads "
-                            f"{self.fusion_heads}.")
 
     def save(self, output_dir: str) -> None:
         write_json(os.path.join(output_dir, CONFIG_FILE), asdict(self))
@@ -71,7 +66,8 @@ class MemoryConfig:
 
 def default_layers(num_layers: int) -> tuple[int, list[int]]:
     """Query layer at ~40% of the depth (middle layers tell what a question asks about; measured on SmolLM2, whose
-    layer 4 generalised to unseen phrasings far worse than layer 12), fusion there and at ~67%."""
+    layer 4 generalised to unseen phrasings far worse than layer 12), fusion at every layer from there up: reading
+    an entry the way context is read takes many layers (on SmolLM2 with the gold entry and untrained fusions,
+    layers 12-30 recovered about half of the in-context accuracy, two layers almost none)."""
     query = max(1, round(num_layers * 0.4))
-    fusion = sorted({query, max(query, round(num_layers * 0.67))})
-    return query, fusion
+    return query, list(range(query, num_layers + 1))

@@ -74,7 +74,11 @@ def cached_bank_features(weights: str, bank: MemoryBank, layers: list[int], dtyp
         return compute()
     key = (f"memory-{weights.split(':')[-1][:16]}-{bank.fingerprint()}-{'_'.join(map(str, layers))}-"
            f"{str(dtype).split('.')[-1]}")
-    stacked, _ = cached_tensor("memory", key, lambda: torch.stack([compute()[layer] for layer in layers]))
+    def stack():
+        features = compute()  # once: every layer comes from the same pass
+        return torch.stack([features[layer] for layer in layers])
+
+    stacked, _ = cached_tensor("memory", key, stack)
     return {layer: stacked[i] for i, layer in enumerate(layers)}
 
 
@@ -95,10 +99,18 @@ class MemoryModel(nn.Module):
             backbone.generation_config.use_cache = False  # every step must see every position (see _capture_inputs)
         self.gate = MemoryGate(config.hidden_size, key_dim=config.key_dim, top_k=config.top_k,
                                candidates=config.candidates)
-        self.fusions = nn.ModuleDict({
-            str(layer): MemoryFusion(config.hidden_size, fusion_dim=config.fusion_dim, num_heads=config.fusion_heads)
-            for layer in sorted(set(config.fusion_layers))
-        })
+        layers = decoder_layers(backbone)
+        bc = backbone.config
+        heads = bc.num_attention_heads
+        self.fusions = nn.ModuleDict()
+        for layer in sorted(set(config.fusion_layers)):
+            fusion = MemoryFusion(config.hidden_size, num_heads=heads,
+                                  num_kv_heads=getattr(bc, "num_key_value_heads", None) or heads,
+                                  head_dim=getattr(bc, "head_dim", None) or config.hidden_size // heads,
+                                  bias=bool(getattr(bc, "attention_bias", False)),
+                                  eps=getattr(bc, "rms_norm_eps", 1e-6))
+            fusion.copy_attention(layers[layer - 1])
+            self.fusions[str(layer)] = fusion
         self.retrieval = "gate"
         self.train_gate = True  # False holds the gate (no gradient) even while its parameters are trainable
         self.gumbel_temperature: float | None = None  # set during joint training: straight-through Gumbel-softmax
@@ -110,17 +122,30 @@ class MemoryModel(nn.Module):
         self._positions: torch.Tensor | None = None
         self._state: dict = {}
         self.last_retrieval: dict = {}
-        layers = decoder_layers(backbone)
         self._hooks = [backbone.get_decoder().register_forward_pre_hook(self._capture_inputs, with_kwargs=True)]
         for layer in sorted({config.query_layer, *config.fusion_layers}):
-            self._hooks.append(layers[layer - 1].register_forward_hook(self._make_layer_hook(layer)))
+            self._hooks.append(layers[layer - 1].register_forward_hook(self._make_layer_hook(layer), with_kwargs=True))
 
     # ---- the bank ----------------------------------------------------------------------------------
 
     def feature_layers(self) -> list[int]:
-        """Layers whose entry representations the model needs: embeddings, the query layer, the fusion layers."""
-        fusion = [0] if self.memory_config.memory_source == "embedding" else list(self.memory_config.fusion_layers)
-        return sorted({0, self.memory_config.query_layer, *fusion})
+        """Hidden states of the entries the model needs (0: token embeddings, l: the output of layer l): the
+        embeddings, the query layer's output and what enters each fusion layer."""
+        return sorted({0, self.memory_config.query_layer, *map(self.fusion_source, self.memory_config.fusion_layers)})
+
+    def fusion_source(self, layer: int) -> int:
+        """The entry representation fusion layer ``layer`` reads: what enters that layer (or the embeddings)."""
+        return 0 if self.memory_config.memory_source == "embedding" else layer - 1
+
+    def entry_rope(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary ``(cos, sin)`` ``(L, head_dim)`` of the positions -L..-1, where the entry sits before the
+        sequence; None for a backbone without rotary embeddings."""
+        rotary = getattr(self.backbone.get_decoder(), "rotary_emb", None)
+        if rotary is None:
+            return None
+        positions = torch.arange(-length, 0, device=like.device)[None]
+        cos, sin = rotary(like, positions)
+        return cos[0], sin[0]
 
     def set_bank(self, bank: MemoryBank, features: dict[int, torch.Tensor] | None = None) -> None:
         """Use ``bank`` from now on; ``features`` from :func:`encode_bank` (computed here when not given)."""
@@ -244,7 +269,7 @@ class MemoryModel(nn.Module):
         return
 
     def _make_layer_hook(self, layer: int):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             if not self.active or not self._state:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
@@ -253,7 +278,8 @@ class MemoryModel(nn.Module):
                 if self._gate_only:
                     raise _StopForward
             if str(layer) in self.fusions:
-                hidden = self._fuse(layer, hidden)
+                hidden_in = args[0] if args else kwargs["hidden_states"]
+                hidden = self._fuse(layer, hidden_in, hidden, kwargs.get("position_embeddings"))
                 return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             return None
         return hook
@@ -296,25 +322,28 @@ class MemoryModel(nn.Module):
             self._keys_version = version
         return self._keys_cache
 
-    def _fuse(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _fuse(self, layer: int, hidden_in: torch.Tensor, hidden: torch.Tensor, rope) -> torch.Tensor:
         state = self._state
         entries, weights, valid = state["entries"], state["weights"], state["valid"]
         b, t, k = entries.shape
         fusion = self.fusions[str(layer)]
-        source = 0 if self.memory_config.memory_source == "embedding" else layer
+        tokens = self.entry_features(self.fusion_source(layer))
+        length = tokens.shape[1]
+        if "entry_rope" not in state:
+            state["entry_rope"] = self.entry_rope(length, hidden) if rope is not None else None
         unique, inverse = torch.unique(entries, return_inverse=True)
-        keys, values = fusion.project_memory(self.entry_features(source)[unique].to(hidden.dtype))  # (U, L, D)
-        length, dim = keys.shape[1], keys.shape[2]
+        keys, values = fusion.project_memory(tokens[unique].to(hidden.dtype), state["entry_rope"])  # (U, L, kv, d)
+        shape = (b, t, k * length, *keys.shape[2:])
         # index_select, not keys[inverse]: the backward of advanced indexing accumulates in a nondeterministic
         # order on CPU, index_select's does not (two identical runs must give identical weights).
-        keys = keys.index_select(0, inverse.flatten()).view(b, t, k * length, dim)
-        values = values.index_select(0, inverse.flatten()).view(b, t, k * length, dim)
+        keys = keys.index_select(0, inverse.flatten()).view(shape)
+        values = values.index_select(0, inverse.flatten()).view(shape)
         token_ok = self.features.mask[entries].bool() & valid[..., None]  # (B, T, k, L)
         # log(weight): exactly log-softmax for soft weights; for straight-through one-hot weights, 0 for the chosen
         # entry and about -9 for the others, whose gradient still reaches the gate.
         bias = torch.log(weights + 1e-4)[..., None].expand(b, t, k, length)
         bias = bias.masked_fill(~token_ok, NEG).reshape(b, t, k * length)
-        return fusion(hidden, keys, values, bias)
+        return fusion(hidden_in, hidden, keys, values, bias, rope)
 
     # ---- saving and loading ------------------------------------------------------------------------
 

@@ -9,8 +9,9 @@ keys' first halves, a column key the mean of its column's keys' second halves. A
 therefore gives it a meaningful key with no retraining.
 
 Each fusion layer lets every position attend over the token representations of its retrieved entries (plus a
-learned "nothing" slot) with the gate's log-weights as attention bias, and adds the result through a gate that
-starts shut: ``h + tanh(alpha) * fuse(h, memory)``, ``alpha = 0``.
+learned "nothing" slot) with the gate's log-weights as attention bias, through a copy of the backbone layer's own
+attention, and adds the result through a gate that starts shut: ``h + tanh(alpha) * fuse(h, memory)``,
+``alpha = 0``.
 """
 
 from __future__ import annotations
@@ -199,45 +200,92 @@ class MemoryGate(nn.Module):
         return cand.gather(-1, order), scores.masked_fill(~valid, NEG), valid
 
 
-class MemoryFusion(nn.Module):
-    """Cross-attention from each position to its retrieved entries' tokens, added through a shut gate."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in the rotate-half convention of Llama-family models; cos/sin broadcast to x."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
-    def __init__(self, hidden_size: int, *, fusion_dim: int = 256, num_heads: int = 4):
+
+class MemoryFusion(nn.Module):
+    """One fusion layer: every position reads its retrieved entries' tokens the way the backbone's own attention at
+    this layer reads context, and the result is added through a gate that starts shut.
+
+    The norm and the q/k/v/o projections have the shapes of the backbone layer's self-attention and start as copies
+    of it (:meth:`copy_attention`); the entry tokens are the frozen model's hidden states entering this layer, read
+    alone and placed just before the sequence (rotary positions -L..-1), so at initialisation a position attends
+    to an entry as it would to the entry's text written before the question. Measured on the builtin model with
+    the gold entry, the gates forced open and no training at all, this alone lifted test-people answer accuracy
+    (log-likelihood ranking) from 0.15 to 0.44; a
+    freshly initialised cross-attention learned nothing from the same data. A per-head "nothing" logit lets a head
+    ignore the memory (like the attention sink it has in context), and the gate's log-weights bias the logits.
+    """
+
+    def __init__(self, hidden_size: int, *, num_heads: int, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, bias: bool = False, eps: float = 1e-6):
         super().__init__()
-        if fusion_dim % num_heads:
-            raise ValueError(f"fusion_dim {fusion_dim} must be divisible by num_heads {num_heads}")
-        self.num_heads, self.head_dim = num_heads, fusion_dim // num_heads
-        self.norm = MemoryNorm(hidden_size)
-        self.memory_norm = MemoryNorm(hidden_size)
-        self.q = nn.Linear(hidden_size, fusion_dim, bias=False)
-        self.k = nn.Linear(hidden_size, fusion_dim, bias=False)
-        self.v = nn.Linear(hidden_size, fusion_dim, bias=False)
-        self.o = nn.Linear(fusion_dim, hidden_size, bias=False)
-        # The "nothing relevant" slot: attending to it adds nothing.
-        self.null_key = nn.Parameter(torch.zeros(fusion_dim))
+        num_kv_heads = num_kv_heads or num_heads
+        head_dim = head_dim or hidden_size // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.norm = MemoryNorm(hidden_size, eps=eps)
+        self.q = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        # -8: measured on the builtin model, the copied heads' logits for entry tokens mostly lie below 0, so a null
+        # logit of 0 silenced the memory (base accuracy), while -8 kept nearly all of it and still gets gradient.
+        self.null_logit = nn.Parameter(torch.full((num_heads,), -8.0))
         self.alpha = nn.Parameter(torch.zeros(1))
         self.last_gate: torch.Tensor | None = None
 
-    def project_memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of entry tokens ``(..., L, H)`` -> ``(..., L, fusion_dim)`` each."""
-        normed = self.memory_norm(tokens)
-        return self.k(normed), self.v(normed)
+    @torch.no_grad()
+    def copy_attention(self, layer: nn.Module) -> bool:
+        """Start from the decoder layer's own input norm and attention projections (Llama-style names:
+        ``input_layernorm``, ``self_attn.{q,k,v,o}_proj``). Returns False, leaving the random start, when the layer
+        has no such parts of the same shapes."""
+        attention = getattr(layer, "self_attn", None)
+        pairs = [(self.norm, getattr(layer, "input_layernorm", None))]
+        pairs += [(mine, getattr(attention, f"{name}_proj", None)) for mine, name in
+                  ((self.q, "q"), (self.k, "k"), (self.v, "v"), (self.o, "o"))]
+        if any(theirs is None or not hasattr(theirs, "weight") or theirs.weight.shape != mine.weight.shape
+               or (getattr(theirs, "bias", None) is None) != (getattr(mine, "bias", None) is None)
+               for mine, theirs in pairs):
+            return False
+        for mine, theirs in pairs:
+            mine.weight.copy_(theirs.weight)
+            if getattr(mine, "bias", None) is not None:
+                mine.bias.copy_(theirs.bias)
+        return True
 
-    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                bias: torch.Tensor) -> torch.Tensor:
-        """hidden ``(B, T, H)``; keys/values ``(B, T, M, D)`` (M = k entries x L tokens); bias ``(B, T, M)`` holds
-        the gate's log-weights and the padding mask. Returns ``hidden + tanh(alpha) * fused``."""
-        b, t, m, _ = keys.shape
-        heads, hd = self.num_heads, self.head_dim
-        q = self.q(self.norm(hidden)).view(b, t, heads, hd)
-        k, v = keys.view(b, t, m, heads, hd), values.view(b, t, m, heads, hd)
-        # The null slot's logit is scored apart, so the large (B, T, M, D) keys and values are never copied.
-        scale = 1.0 / math.sqrt(hd)
-        null = (q * self.null_key.view(heads, hd).to(q.dtype)).sum(-1, keepdim=True) * scale  # (B, T, heads, 1)
-        logits = torch.einsum("bthd,btmhd->bthm", q, k) * scale + bias[:, :, None, :].to(q.dtype)
-        attn = torch.softmax(torch.cat([null, logits], dim=-1).float(), dim=-1).to(v.dtype)
-        fused = self.o(torch.einsum("bthm,btmhd->bthd", attn[..., 1:], v).reshape(b, t, heads * hd))
+    def project_memory(self, tokens: torch.Tensor, rope: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of entry tokens ``(U, L, H)`` -> ``(U, L, kv_heads, head_dim)`` each; ``rope`` the
+        ``(cos, sin)`` of the entry positions ``(L, head_dim)``."""
+        u, length, _ = tokens.shape
+        normed = self.norm(tokens)
+        keys = self.k(normed).view(u, length, self.num_kv_heads, self.head_dim)
+        if rope is not None:
+            keys = rotate(keys, rope[0][:, None].to(keys.dtype), rope[1][:, None].to(keys.dtype))
+        return keys, self.v(normed).view(u, length, self.num_kv_heads, self.head_dim)
+
+    def forward(self, hidden_in: torch.Tensor, hidden_out: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                bias: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
+        """``hidden_in`` / ``hidden_out`` ``(B, T, H)``: the decoder layer's input and output; keys/values
+        ``(B, T, M, kv_heads, head_dim)`` (M = k entries x L tokens); bias ``(B, T, M)`` holds the gate's
+        log-weights and the padding mask; ``rope`` the layer's ``(cos, sin)`` ``(B, T, head_dim)``.
+        Returns ``hidden_out + tanh(alpha) * fused``."""
+        b, t, m = bias.shape
+        kv, groups, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q = self.q(self.norm(hidden_in)).view(b, t, self.num_heads, hd)
+        if rope is not None:
+            q = rotate(q, rope[0][:, :, None].to(q.dtype), rope[1][:, :, None].to(q.dtype))
+        q = q.view(b, t, kv, groups, hd)
+        logits = torch.einsum("btkgd,btmkd->btkgm", q, keys) / math.sqrt(hd)
+        logits = logits + bias[:, :, None, None, :].to(q.dtype)
+        null = self.null_logit.view(kv, groups, 1).to(q.dtype).expand(b, t, kv, groups, 1)
+        attn = torch.softmax(torch.cat([null, logits], dim=-1).float(), dim=-1).to(values.dtype)
+        read = torch.einsum("btkgm,btmkd->btkgd", attn[..., 1:], values).reshape(b, t, self.num_heads * hd)
         gate = torch.tanh(self.alpha)
         # Kept for logging: under ZeRO-3 alpha is only whole inside this forward.
         self.last_gate = gate.detach().float().reshape(())
-        return hidden + gate.to(hidden.dtype) * fused
+        return hidden_out + gate.to(hidden_out.dtype) * self.o(read)

@@ -110,8 +110,7 @@ def run_stage(stage: str, argv=None, extra_arguments: tuple = ()) -> dict:
             hidden_size=backbone.config.hidden_size, num_layers=num_layers,
             query_layer=memory_args.query_layer or query, fusion_layers=memory_args.layers() or fusion,
             memory_source=memory_args.memory_source, key_dim=memory_args.key_dim, top_k=memory_args.top_k,
-            candidates=memory_args.candidates, fusion_dim=memory_args.fusion_dim,
-            fusion_heads=memory_args.fusion_heads, max_entry_tokens=data_args.max_entry_tokens)
+            candidates=memory_args.candidates, max_entry_tokens=data_args.max_entry_tokens)
         memory = MemoryModel(backbone, config)
     memory.memory_config.stage = stage
     memory.memory_config.max_entry_tokens = data_args.max_entry_tokens

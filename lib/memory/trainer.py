@@ -45,6 +45,22 @@ class MemoryTrainer(FrozenBackboneTrainer):
                       "gumbel_temperature": a.gumbel_temperature if a.gumbel_temperature is not None else 0.0,
                       "train_gate": a.train_gate}
 
+    def create_optimizer(self, model=None):
+        """The usual optimizer, with the fusion gates and null logits in a group of their own learning rate."""
+        optimizer = super().create_optimizer(model)
+        lr = self.args.fusion_gate_learning_rate
+        if lr is None or getattr(optimizer, "_fusion_gates_split", False):
+            return optimizer
+        gates = [p for n, p in self.model.named_parameters()
+                 if p.requires_grad and n.startswith("fusions.") and n.endswith((".alpha", ".null_logit"))]
+        ids = {id(p) for p in gates}
+        if gates:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.add_param_group({"params": gates, "lr": lr, "weight_decay": 0.0})
+        optimizer._fusion_gates_split = True
+        return optimizer
+
     # ---- what a checkpoint holds: every memory part (a frozen gate too: the stage's output needs it) --------
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
@@ -193,9 +209,17 @@ class RefreshPlacement(TrainerCallback):
         self.memory.refresh_placement()
 
 
+def alpha_summary(memory) -> str:
+    """tanh(alpha) of the fusion layers for the progress bar: each layer when there are few, else mean and range."""
+    gates = {layer: f.last_gate.item() for layer, f in memory.fusions.items() if f.last_gate is not None}
+    if len(gates) <= 3:
+        return " ".join(f"α{layer}={g:.4f}" for layer, g in gates.items())
+    values = list(gates.values())
+    return f"α mean {sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
 class AlphaInProgressBar(ProgressBarPostfix):
-    """Shows tanh(alpha) of every fusion layer in the progress bar (``α12=0.0123 α20=0.0040``)."""
+    """Shows tanh(alpha) of the fusion layers in the progress bar (``α12=0.0123 α20=0.0040``, or mean and range)."""
 
     def __init__(self, memory, callback_handler):
-        super().__init__(callback_handler, lambda: " ".join(
-            f"α{layer}={f.last_gate.item():.4f}" for layer, f in memory.fusions.items() if f.last_gate is not None))
+        super().__init__(callback_handler, lambda: alpha_summary(memory))
