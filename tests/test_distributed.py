@@ -18,9 +18,22 @@ BIN = os.path.dirname(sys.executable)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port from this pytest-xdist worker's own range: launcher tests run on both workers at once (two
+    xdist groups), and a port the OS hands out to one worker could otherwise be taken by the other's launcher in
+    the seconds before torchrun binds it. Within a worker, launches run one after another."""
+    import random
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 20000 + 2000 * (index % 10)
+    for port in random.sample(range(low, low + 2000), 2000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}..{low + 1999}")
 
 
 def run_launcher(launcher, script, args):

@@ -17,7 +17,9 @@ import pytest
 from lib.core.errors import run_main
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("launchers")]
+# A group of its own (the commands run in order in one workspace), beside test_distributed.py's "launchers": the
+# two serial groups run on the two xdist workers at once (ports: tests/test_distributed.py::free_port).
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("readme")]
 BIN = os.path.dirname(sys.executable)
 MODELS = {"builtin:smollm2-135m-instruct": "builtin:tiny-llama", "Qwen/Qwen3-30B-A3B": "builtin:tiny-qwen3-moe"}
 TRAINERS = ("train_router.py", "train_target.py", "pretrain_encoder.py", "train_fusion.py", "train_joint.py",

@@ -82,6 +82,17 @@ def cached_bank_features(weights: str, bank: MemoryBank, layers: list[int], dtyp
     return {layer: stacked[i] for i, layer in enumerate(layers)}
 
 
+def _whole(module: nn.Module):
+    """A context in which ``module``'s parameters are whole, also when ZeRO-3 partitioned them."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
 class _StopForward(Exception):
     """Raised after the query layer when only the gate is wanted (the layers above would be wasted work)."""
 
@@ -109,7 +120,8 @@ class MemoryModel(nn.Module):
                                   head_dim=getattr(bc, "head_dim", None) or config.hidden_size // heads,
                                   bias=bool(getattr(bc, "attention_bias", False)),
                                   eps=getattr(bc, "rms_norm_eps", 1e-6))
-            fusion.copy_attention(layers[layer - 1])
+            with _whole(layers[layer - 1]):  # a backbone partitioned by ZeRO-3 at load time
+                fusion.copy_attention(layers[layer - 1])
             self.fusions[str(layer)] = fusion
         self.retrieval = "gate"
         self.train_gate = True  # False holds the gate (no gradient) even while its parameters are trainable
