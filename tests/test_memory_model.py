@@ -81,6 +81,63 @@ def test_retrieval_is_causal(tok, fact_dir):
     assert not torch.allclose(la[0, -1], lb[0, -1])
 
 
+def test_kv_cache_steps_equal_the_whole_sequence(tok, fact_dir):
+    # With a KV cache each step reads only its new token; the gate's running sums must make that the same as
+    # reading the whole sequence, for left-padded batches too, and greedy generation must not change.
+    from transformers import DynamicCache
+
+    memory, _ = make_memory(tok, fact_dir)
+    open_gates(memory)
+    with torch.no_grad():
+        for gate in (memory.gate.entity_pool, memory.gate.relation_pool):
+            gate.weight.normal_(0, 1.0)  # pooling weights that differ by position
+    tok.padding_side = "left"
+    try:
+        ids, mask = batch(tok, ["Where was the first person born? Tell me", "Which pet?"])
+    finally:
+        tok.padding_side = "right"
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        whole = memory(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        cache = DynamicCache(config=memory.config)
+        split = ids.shape[1] - 3
+        steps = [memory(input_ids=ids[:, :split], attention_mask=mask[:, :split], position_ids=positions[:, :split],
+                        cache=cache, use_cache=True).logits]
+        for t in range(split, ids.shape[1]):
+            steps.append(memory(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
+                                position_ids=positions[:, t:t + 1], cache=cache, use_cache=True).logits)
+    assert torch.allclose(torch.cat(steps, 1)[mask.bool()], whole[mask.bool()], atol=1e-4)
+    assert memory.last_retrieval["entries"].shape[1] == 1  # the last step really read one token
+    cached = memory.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    plain = memory.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+def test_choice_scores_equal_scoring_each_whole_sequence(tok, fact_dir):
+    # choice_logprobs reads each prompt once and copies its cache (and the gate's sums) for every choice.
+    from lib.memory.data import prompt_and_answer
+    from lib.memory.evaluation import choice_logprobs
+
+    memory, _ = make_memory(tok, fact_dir)
+    open_gates(memory)
+    questions = ["Where was the first person born?", "Which pet does the second person have at home?"]
+    choices = [["Paris", "a small town", "Lima"], ["a cat", "Rex the dog"]]
+    with torch.no_grad():
+        reference = []
+        for question, options in zip(questions, choices):
+            reference.append([])
+            for option in options:
+                prompt, answer = prompt_and_answer(tok, question, option)
+                ids = torch.tensor([prompt + answer])
+                logp = memory(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+                picked = logp[len(prompt) - 1:].gather(-1, ids[0, len(prompt):, None])
+                reference[-1].append(float(picked.sum()))
+    for batch_size in (3, 64):  # one question per batch, and both questions in one batch (padded)
+        scores = choice_logprobs(memory, tok, questions, choices, batch_size=batch_size)
+        assert [len(s) for s in scores] == [3, 2]
+        assert all(abs(a - b) < 1e-3 for s, r in zip(scores, reference) for a, b in zip(s, r)), (scores, reference)
+
+
 def test_gate_retrieval_equals_exhaustive_scoring_and_ignores_bank_order(tok, fact_dir):
     memory, bank = make_memory(tok, fact_dir, candidates=11)  # 11^2 >= 120 entries: every entry is a candidate
     ids, mask = batch(tok, ["Where was the first person born?", "Which company employs them?"])

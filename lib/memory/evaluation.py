@@ -71,26 +71,46 @@ def generate_answers(model, tokenizer, questions: list[str], *, max_new_tokens: 
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, questions: list[str], choices: list[list[str]], *,
                     batch_size: int) -> list[list[float]]:
-    """Sum of the answer tokens' log-probabilities for every choice of every question."""
+    """Sum of the answer tokens' log-probabilities for every choice of every question.
+
+    The prompt is the same for every choice, so it is read once: its KV cache (and a memory model's gate state) is
+    copied for each choice and only the choices' tokens are read after it. ``batch_size`` counts choices."""
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
-    items = []
-    for qi, (question, options) in enumerate(zip(questions, choices)):
-        for option in options:
-            prompt, answer = prompt_and_answer(tokenizer, question, option)
-            items.append((qi, prompt, answer))
-    scores: list[list[float]] = [[] for _ in questions]
     pad = tokenizer.pad_token_id
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        seqs = [p + a for _, p, a in chunk]
-        longest = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (longest - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in seqs], device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        for row, (qi, prompt, answer) in enumerate(chunk):
-            lo = len(prompt) - 1
-            scores[qi].append(float(logp[row, lo:lo + len(answer)].sum()))
+    per_batch = max(1, batch_size // max(map(len, choices)))
+    scores: list[list[float]] = []
+    for start in range(0, len(questions), per_batch):
+        pairs = [[prompt_and_answer(tokenizer, q, option) for option in options]
+                 for q, options in zip(questions[start:start + per_batch], choices[start:start + per_batch])]
+        prompts = [p[0][0] for p in pairs]  # the prompt does not depend on the answer
+        longest = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache(config=model.config)
+        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                      logits_to_keep=1).logits[:, -1].float().log_softmax(-1)  # (B, V): the first answer token
+        rows = torch.tensor([b for b, p in enumerate(pairs) for _ in p], device=device)
+        cache.reorder_cache(rows)
+        if hasattr(model, "reorder_cache_state"):
+            model.reorder_cache_state(rows)
+        answers = [a for p in pairs for _, a in p]
+        width = max(map(len, answers))
+        answer_ids = torch.tensor([a + [pad] * (width - len(a)) for a in answers], device=device)
+        answer_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=device)
+        logp = model(input_ids=answer_ids, attention_mask=torch.cat([mask[rows], answer_mask], 1),
+                     position_ids=positions[rows, -1:] + 1 + torch.arange(width, device=device), cache=cache,
+                     use_cache=True).logits.float().log_softmax(-1)  # (N, width, V): the tokens after the first
+        n = 0
+        for b, p in enumerate(pairs):
+            scores.append([])
+            for _, answer in p:
+                total = first[b, answer[0]] + logp[n, :len(answer) - 1].gather(
+                    -1, answer_ids[n, 1:len(answer), None]).sum()
+                scores[-1].append(float(total))
+                n += 1
     return scores
 
 

@@ -3,7 +3,8 @@
 Hooks on the backbone's decoder layers do the work, so the backbone object itself becomes the memory model:
 ``model.backbone`` can go to lm-eval, TRL or ``generate`` like any transformers model, and ``MemoryModel.forward``
 / ``generate`` simply call it. At the query layer the gate picks ``top_k`` entries for every position (causally:
-a position's query never sees later tokens, so generation needs no state beyond the tokens so far); at each
+a position's query never sees later tokens, so with a KV cache a generation step carries only the gate's running
+sums); at each
 fusion layer every position attends over its entries' token representations and adds the result through a gate
 that starts shut. An empty bank (or ``retrieval="none"``) skips every hook: the output is the backbone's, exactly.
 
@@ -107,7 +108,9 @@ class MemoryModel(nn.Module):
         self.memory_config = config
         self.config = backbone.config  # what Trainer / PEFT / lm-eval read
         if getattr(backbone, "generation_config", None) is not None:
-            backbone.generation_config.use_cache = False  # every step must see every position (see _capture_inputs)
+            # backbone.generate (lm-eval) runs without a KV cache: beam search would reorder one behind the gate's
+            # back. MemoryModel.generate uses one where that cannot happen.
+            backbone.generation_config.use_cache = False
         self.gate = MemoryGate(config.hidden_size, key_dim=config.key_dim, top_k=config.top_k,
                                candidates=config.candidates)
         layers = decoder_layers(backbone)
@@ -257,27 +260,47 @@ class MemoryModel(nn.Module):
         return self.last_retrieval
 
     def generate(self, *args, **kwargs):
-        """``backbone.generate`` with memory. Without a KV cache: the hooks see every position at every step."""
-        kwargs["use_cache"] = False
+        """``backbone.generate`` with memory, with a KV cache (the gate's pooled sums go on from step to step).
+        Beam search reorders the cache behind the gate's back, so it runs without one."""
+        beams = kwargs.get("num_beams") or getattr(self.backbone.generation_config, "num_beams", 1) or 1
+        kwargs.setdefault("use_cache", beams == 1)
         return self.backbone.generate(*args, **kwargs)
+
+    def reorder_cache_state(self, index: torch.Tensor) -> None:
+        """What ``cache.reorder_cache(index)`` does to a KV cache, done to the gate's running sums: row i of the
+        batch becomes row ``index[i]`` (repeated indices copy a prompt's state for several continuations)."""
+        carry = getattr(self, "_carry", None)
+        if not carry:
+            return
+        for name, sums in carry.items():
+            if name != "batch" and sums:
+                carry[name] = [s.index_select(0, index.to(s.device)) for s in sums]
+        carry["batch"] = len(index)
 
     # ---- hooks -------------------------------------------------------------------------------------
 
     def _capture_inputs(self, module, args, kwargs):
         if not self.active:
             return
-        cache = kwargs.get("cache") or kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            raise UserError("The memory model reads the whole sequence at every step; generate with use_cache=False "
-                            "(MemoryModel.generate does).")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = self.backbone.get_input_embeddings()(input_ids)
+        b, t = embeds.shape[:2]
         mask = kwargs.get("attention_mask")
-        if mask is None or mask.dim() != 2:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        self._state = {"embeds": embeds.detach(), "mask": mask}
+        mask = mask[:, -t:] if mask is not None and mask.dim() == 2 else torch.ones(b, t, dtype=torch.long,
+                                                                                     device=embeds.device)
+        # With a KV cache (generation), the gate's causal pooling goes on from the sums of the tokens before.
+        cache = kwargs.get("cache") or kwargs.get("past_key_values")
+        carry = None
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            if cache.get_seq_length() == 0:
+                self._carry = {"batch": b}
+            elif getattr(self, "_carry", {}).get("batch") != b:
+                raise UserError("A KV cache reached the memory model without the gate state of its first step; "
+                                "generate through MemoryModel.generate (beam search runs without a cache).")
+            carry = self._carry
+        self._state = {"embeds": embeds.detach(), "mask": mask, "carry": carry}
         return
 
     def _make_layer_hook(self, layer: int):
@@ -311,7 +334,7 @@ class MemoryModel(nn.Module):
             gate_trains = self.train_gate and self.gate.query_relation.weight.requires_grad and torch.is_grad_enabled()
             keys = self.entry_keys() if gate_trains else self._frozen_keys()
             with torch.set_grad_enabled(gate_trains):
-                queries = self.gate.queries(hidden.detach(), state["embeds"], mask)
+                queries = self.gate.queries(hidden.detach(), state["embeds"], mask, state["carry"])
                 if self._gate_only and self._positions is not None:
                     queries = queries[self._positions]  # (P, key_dim): only where the gate is trained or measured
                 entries, scores, valid = self.gate.retrieve(queries, keys, self.cells, self.cell_entry)

@@ -1,8 +1,8 @@
 """The trained parts of explicit memory: MemoryNorm, the product-key MemoryGate and the gated MemoryFusion.
 
 The gate reads the frozen model's hidden states at one layer. At every position t the query is an attention-
-weighted mean of MemoryNorm(h_1..h_t) (causal, so a position never sees later tokens and generation needs no
-state), split in two halves; each half is scored against sqrt(N) sub-keys, the top candidates of both halves are
+weighted mean of MemoryNorm(h_1..h_t) (causal: a position never sees later tokens, and a generation step
+continues running sums), split in two halves; each half is scored against sqrt(N) sub-keys, the top candidates of both halves are
 combined, and the best ``top_k`` cells of the grid are the retrieved entries (Lample et al., 2019). Sub-keys come
 from the entries' content: an entry's key is a projection of its frozen embedding, a row key the mean of its row's
 keys' first halves, a column key the mean of its column's keys' second halves. Adding or editing an entry
@@ -28,19 +28,25 @@ class MemoryNorm(nn.RMSNorm):
     """RMSNorm on the gate's query path (its own class, so freezing can select it by name)."""
 
 
-def causal_attention_pool(values: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def causal_attention_pool(values: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                          carry: list | None = None) -> torch.Tensor:
     """``out[:, t] = sum_{s<=t} softmax(scores[:, :t+1]) * values[:, s]`` over the unmasked positions.
 
-    One pass with cumulative sums; scores are bounded (tanh), so the shift by the row maximum keeps every weight
-    representable. values ``(B, T, D)``, scores ``(B, T)``, mask ``(B, T)``.
+    One pass with cumulative sums. Scores are bounded (tanh, at most 8), so a fixed shift by that bound keeps every
+    weight representable, and the sums can go on where an earlier call stopped: ``carry`` (a list, empty at the
+    first call) holds the running sums and is updated, so a generation step reads only its new tokens.
+    values ``(B, T, D)``, scores ``(B, T)``, mask ``(B, T)``.
     """
     scores = 8.0 * torch.tanh(scores.float() / 8.0)
     scores = scores.masked_fill(mask == 0, -30.0)
-    shift = scores.max(dim=1, keepdim=True).values.detach()
-    weights = torch.exp(scores - shift) * mask
+    weights = torch.exp(scores - 8.0) * mask
     num = torch.cumsum(weights[..., None] * values.float(), dim=1)
-    den = torch.cumsum(weights, dim=1)[..., None].clamp_min(1e-30)
-    return (num / den).to(values.dtype)
+    den = torch.cumsum(weights, dim=1)
+    if carry is not None:
+        if carry:
+            num, den = num + carry[0][:, None], den + carry[1][:, None]
+        carry[:] = [num[:, -1], den[:, -1]]
+    return (num / den[..., None].clamp_min(1e-30)).to(values.dtype)
 
 
 def attention_pool(values: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -113,21 +119,28 @@ class MemoryGate(nn.Module):
         """Inverse temperature of the scores (10 at initialisation: the cosines give a usable softmax)."""
         return self.temperature()
 
-    def _keys(self, hidden, embeds, mask, norm, entity_pool, relation_pool, relation, pool=None):
-        pool = pool or causal_attention_pool
+    def _keys(self, hidden, embeds, mask, norm, entity_pool, relation_pool, relation, pool=None, carry=None):
+        def pooled(values, scores, name):  # causal unless ``pool`` is given; continues carry[name] when given
+            if pool is not None:
+                return pool(values, scores, mask)
+            return causal_attention_pool(values, scores, mask, None if carry is None else carry.setdefault(name, []))
+
         half = self.key_dim // 2
         normed = norm(hidden)
-        entity = pool(embeds, entity_pool(normed).squeeze(-1), mask)
+        entity = pooled(embeds, entity_pool(normed).squeeze(-1), "entity")
         entity = entity.to(self.entity_projection.dtype) @ self.entity_projection
-        rel = relation(pool(normed, relation_pool(normed).squeeze(-1), mask))
+        rel = relation(pooled(normed, relation_pool(normed).squeeze(-1), "relation"))
         unit = nn.functional.normalize
         entity = entity.to(rel.dtype)
         second = torch.cat([unit(rel, dim=-1), unit(entity[..., half:], dim=-1)], dim=-1) / math.sqrt(2.0)
         return torch.cat([unit(entity[..., :half], dim=-1), second], dim=-1)
 
-    def queries(self, hidden: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Causal queries ``(B, T, key_dim)`` from hidden states and token embeddings ``(B, T, H)``."""
-        return self._keys(hidden, embeds, mask, self.norm, self.entity_pool, self.relation_pool, self.query_relation)
+    def queries(self, hidden: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
+                carry: dict | None = None) -> torch.Tensor:
+        """Causal queries ``(B, T, key_dim)`` from hidden states and token embeddings ``(B, T, H)``; with ``carry``
+        (a dict, empty at a sequence's start) the T tokens continue the ones earlier calls read."""
+        return self._keys(hidden, embeds, mask, self.norm, self.entity_pool, self.relation_pool, self.query_relation,
+                          carry=carry)
 
     def entry_keys(self, hidden: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Keys ``(N, key_dim)`` of entries from their frozen hidden states and token embeddings ``(N, L, H)``: the
