@@ -227,6 +227,33 @@ def test_memory_joint_ddp_trains_gate_and_fusion(ddp_memory, memory_setup):
     assert any(n.startswith("fusions.") for n in ddp_memory)
 
 
+def test_memory_gate_stage_ddp_equals_zero3(tmp_path, memory_setup):
+    # Stage 1 trains the gate on stored query-layer states through the wrapped model's forward. Called around the
+    # DDP wrapper (as it once was), the processes' gradients were never averaged and the weights differed from
+    # ZeRO-3's by whole learning-rate steps.
+    from tests.test_memory_model import stage_args
+
+    weights = {}
+    for launcher, extra in (("torchrun", ()), ("deepspeed", ("--deepspeed", "ds_configs/zero3.json"))):
+        out = tmp_path / launcher
+        args = ["--router_type", "memory_gate", *stage_args(memory_setup, out, "--max_steps", "3", "--eval_strategy",
+                                                            "no", "--save_strategy", "no",
+                                                            "--per_device_train_batch_size", "4", *extra)]
+        proc = run_launcher(launcher, "train_router.py", args)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "query-layer states of" in proc.stdout
+        weights[launcher] = load_file(os.path.join(out, "trainable.safetensors"))
+    ddp, zero3 = weights["torchrun"], weights["deepspeed"]
+    start = load_file(os.path.join(memory_setup / "gate", "trainable.safetensors"))
+    assert ddp.keys() == zero3.keys() and any(not torch.equal(ddp[n], start[n]) for n in ddp if n.startswith("gate."))
+    for name, weight in ddp.items():
+        if name.endswith("_pool.bias"):
+            # A pooling bias shifts every score of a softmax equally: its gradient is zero up to rounding, which
+            # Adam turns into steps of random sign.
+            continue
+        assert torch.allclose(zero3[name], weight, atol=1e-5), (name, (zero3[name] - weight).abs().max())
+
+
 # ZeRO-2 runs in tests/test_readme.py (the README's deepspeed command for train_memory.py).
 @pytest.mark.parametrize("stage", ["zero3"])
 def test_memory_joint_deepspeed_matches_ddp(stage, tmp_path, memory_setup, ddp_memory):

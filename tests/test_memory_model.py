@@ -113,6 +113,25 @@ def test_kv_cache_steps_equal_the_whole_sequence(tok, fact_dir):
     assert torch.equal(cached, plain)
 
 
+def test_gate_reads_stored_query_states_like_the_backbone(tok, fact_dir):
+    # The gate stage computes the rows' query-layer states once; a batch read from them must retrieve what running
+    # the backbone retrieves, and a batch with a row that was not stored runs the backbone.
+    memory, _ = make_memory(tok, fact_dir)
+    ids, mask = batch(tok, ["Where was the first person born?", "Which pet?", "Tell me about the third person"])
+    positions = mask.bool() & (torch.rand(mask.shape, generator=torch.Generator().manual_seed(0)) < 0.6)
+    rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    states = memory.query_states(rows[::-1], batch_size=2)  # another order and batching than the batch below
+    assert len(states) == 3
+    with torch.no_grad():
+        ran = {k: v.clone() for k, v in memory.gate_forward(ids, mask, positions).items()}
+        stored = memory.gate_forward(ids, mask, positions, states=states)
+        assert torch.equal(stored["entries"], ran["entries"])
+        assert torch.allclose(stored["scores"], ran["scores"], atol=1e-5)
+        assert torch.allclose(stored["queries"], ran["queries"], atol=1e-5)
+        partial = memory.gate_forward(ids, mask, positions, states=dict(list(states.items())[:2]))
+        assert torch.equal(partial["entries"], ran["entries"])
+
+
 def test_choice_scores_equal_scoring_each_whole_sequence(tok, fact_dir):
     # choice_logprobs reads each prompt once and copies its cache (and the gate's sums) for every choice.
     from lib.memory.data import prompt_and_answer

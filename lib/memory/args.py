@@ -39,17 +39,19 @@ class MemoryModelArguments:
     init_from: str | None = field(default=None, metadata={"help": "Output folder of the previous stage: its memory "
                                                                   "parts and settings are the starting point."})
     query_layer: int | None = field(default=None, metadata={"help": "Layer whose hidden states query the gate "
-                                                                    "(default: ~27% of the depth)."})
+                                                                    "(default: ~40% of the depth)."})
     fusion_layers: str | None = field(default=None, metadata={"help": "Comma-separated layers that read the "
-                                                                      "retrieved entries (default: ~40% and ~67%)."})
+                                                                      "retrieved entries (default: every layer from "
+                                                                      "the query layer up)."})
     memory_source: str = field(default="hidden", metadata={
         "help": "Entry tokens as the frozen model's hidden states at each fusion layer, or its token embeddings.",
         "choices": ["hidden", "embedding"]})
     key_dim: int = field(default=128, metadata={
         "help": "Width of gate keys (a multiple of 4: an entity half, a relation + entity half)."})
     top_k: int = field(default=4, metadata={"help": "Entries retrieved per position."})
-    candidates: int = field(default=12, metadata={"help": "Rows and columns of the product-key grid kept per "
-                                                          "half; candidates^2 cells are re-ranked exactly."})
+    candidates: int = field(default=24, metadata={"help": "Rows and columns of the product-key grid kept per "
+                                                          "half; candidates^2 cells are re-ranked exactly (the cost "
+                                                          "of a lookup grows with it, not with the bank)."})
 
     def layers(self) -> list[int] | None:
         if self.fusion_layers in (None, ""):
@@ -80,6 +82,9 @@ class MemoryTrainingArguments(FrozenBackboneTrainingArguments):
     teacher_top_k: int = field(default=8, metadata={"help": "Rows without memory_id: entries the soft teacher "
                                                             "spreads its target over."})
     teacher_temperature: float = field(default=0.05, metadata={"help": "Softmax temperature of the soft teacher."})
+    query_cache_gb: float = field(default=4.0, metadata={
+        "help": "Gate stage: the frozen backbone's query-layer states of the training and held-out rows are computed "
+                "once and kept in memory when they fit in this many GB (0: run the backbone at every step)."})
     placement_refresh_steps: int = field(default=20, metadata={
         "help": "While the gate trains, place the entries in the product-key grid again every N steps (0: per epoch)."})
     schedule: str | None = field(default=None, metadata={"help": "JSON list (a YAML list in a recipe) of value "

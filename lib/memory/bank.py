@@ -22,6 +22,24 @@ from lib.core.files import atomic_path
 BANK_FILE = "memory_bank.jsonl"
 
 
+def entry_tokens(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of entries as they read inside a sentence, where questions name them.
+
+    Byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM) mark a word's leading space, so a name at the start of a text
+    gets other tokens than the same name inside a question ("Pala Bitu was ..." starts "P ala", "does Pala Bitu"
+    has " Pal a"), and the gate could match only the surname. For such tokenizers entries are read after a space;
+    tokenizers that add a word-start marker themselves (SentencePiece) read them as they are."""
+    if not texts:
+        return []
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    inside, spaced, alone = encode("a name"), encode(" name"), encode("name")
+    prefix = " " if inside[-len(spaced):] == spaced and inside[-len(alone):] != alone else ""
+    return tokenizer([prefix + text for text in texts], add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class MemoryBank:
     """Entries as ids, texts and right-padded token ids ``(N, L)`` with a mask; N may be 0 (the empty bank)."""
@@ -56,6 +74,7 @@ class MemoryBank:
         for entry_id, text in zip(self.ids, self.texts):
             digest.update(json.dumps([entry_id, text], ensure_ascii=False).encode())
         digest.update(str(self.max_entry_tokens).encode())
+        digest.update(self.input_ids.numpy().tobytes())  # the tokenisation too: caches hold what the model read
         return digest.hexdigest()[:16]
 
     @classmethod
@@ -72,7 +91,7 @@ class MemoryBank:
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{where} row {row} (id '{entry_id}') has no text; every entry needs a non-empty "
                                 "'text'.")
-        encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        encoded = entry_tokens(tokenizer, list(texts))
         for row, (entry_id, tokens) in enumerate(zip(ids, encoded)):
             if len(tokens) > max_entry_tokens and not truncate:
                 raise DataError(f"{where} row {row} (id '{entry_id}') has {len(tokens)} tokens, more than "

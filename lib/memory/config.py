@@ -25,7 +25,7 @@ class MemoryConfig:
     memory_source: str = "hidden"  # entry tokens as the fusion layer's hidden states, or "embedding"
     key_dim: int = 128
     top_k: int = 4
-    candidates: int = 12
+    candidates: int = 24
     max_entry_tokens: int = 16
     stage: str = ""
     bank_size: int = 0

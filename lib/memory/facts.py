@@ -89,7 +89,7 @@ class Person:
     attributes: dict[str, str]
 
 
-class _Words:
+class InventedWords:
     """Invented words, each handed out once (so a value belongs to one split only)."""
 
     def __init__(self, rng: random.Random):
@@ -109,7 +109,7 @@ class _Words:
 def make_people(n: int, seed: int, split_fractions: tuple[float, float, float]) -> list[Person]:
     """``n`` fictional people, split by person; the test people's invented values are theirs alone."""
     rng = random.Random(seed)
-    words = _Words(rng)
+    words = InventedWords(rng)
     n_train = round(n * split_fractions[0])
     n_val = round(n * split_fractions[1])
     splits = ["train"] * n_train + ["validation"] * n_val + ["test"] * (n - n_train - n_val)

@@ -9,7 +9,7 @@ fusion layer every position attends over its entries' token representations and 
 that starts shut. An empty bank (or ``retrieval="none"``) skips every hook: the output is the backbone's, exactly.
 
 The entries' frozen representations (token embeddings, the query layer's hidden states, and each fusion layer's
-hidden states or token embeddings) are computed once per bank by :func:`encode_bank` and held as buffers that are
+hidden states or token embeddings) are computed once per bank by :func:`lib.memory.features.encode_bank` and held as buffers that are
 never saved: the bank itself is saved as text, so a person can edit it and a new bank can be swapped in.
 """
 
@@ -25,6 +25,7 @@ from lib.core.errors import UserError
 from lib.core.files import atomic_path
 from lib.memory.bank import MemoryBank
 from lib.memory.config import MemoryConfig
+from lib.memory.features import cached_bank_features, encode_bank
 from lib.memory.modules import NEG, MemoryFusion, MemoryGate
 from lib.memory.placement import grid_side, place_entries
 
@@ -42,47 +43,6 @@ def decoder_layers(backbone) -> nn.ModuleList:
     return layers
 
 
-@torch.no_grad()
-def encode_bank(backbone, bank: MemoryBank, layers: list[int], batch_size: int = 64) -> dict[int, torch.Tensor]:
-    """Frozen representations ``{layer: (N, L, H)}`` of the bank's tokens (layer 0: token embeddings), each entry
-    read on its own. Call it on a backbone without active memory hooks (``MemoryModel.memory_off()``)."""
-    wanted = sorted(set(layers))
-    device = next(backbone.parameters()).device
-    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in wanted}
-    was_training = backbone.training
-    backbone.eval()
-    for start in range(0, len(bank), batch_size):
-        ids = bank.input_ids[start:start + batch_size].to(device)
-        mask = bank.attention_mask[start:start + batch_size].to(device)
-        hidden = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True,
-                          use_cache=False).hidden_states
-        for layer in wanted:
-            out[layer].append(hidden[layer].cpu())
-    backbone.train(was_training)
-    size = backbone.config.hidden_size
-    return {layer: (torch.cat(chunks) if chunks else torch.zeros(0, bank.max_entry_tokens, size))
-            for layer, chunks in out.items()}
-
-
-def cached_bank_features(weights: str, bank: MemoryBank, layers: list[int], dtype: torch.dtype,
-                         compute) -> dict[int, torch.Tensor]:
-    """:func:`encode_bank`'s result through the disk cache, keyed by the backbone weights' fingerprint, the bank's
-    fingerprint, the layers and the dtype; ``compute()`` returns it when the cache has not. An empty bank costs
-    nothing and is never stored."""
-    from lib.core.cache import cached_tensor
-
-    if not len(bank):
-        return compute()
-    key = (f"memory-{weights.split(':')[-1][:16]}-{bank.fingerprint()}-{'_'.join(map(str, layers))}-"
-           f"{str(dtype).split('.')[-1]}")
-    def stack():
-        features = compute()  # once: every layer comes from the same pass
-        return torch.stack([features[layer] for layer in layers])
-
-    stacked, _ = cached_tensor("memory", key, stack)
-    return {layer: stacked[i] for i, layer in enumerate(layers)}
-
-
 def _whole(module: nn.Module):
     """A context in which ``module``'s parameters are whole, also when ZeRO-3 partitioned them."""
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -92,6 +52,11 @@ def _whole(module: nn.Module):
 
         return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     return contextlib.nullcontext()
+
+
+def _row_key(ids: torch.Tensor) -> bytes:
+    """A row's identity for :meth:`MemoryModel.query_states`: its token ids without padding."""
+    return ids.detach().to("cpu", torch.int64).numpy().tobytes()
 
 
 class _StopForward(Exception):
@@ -133,6 +98,8 @@ class MemoryModel(nn.Module):
         self.features = nn.Module()  # the bank's frozen token representations: buffers, never saved
         self._off = False
         self._gate_only = False
+        self._capture: list[torch.Tensor] | None = None
+        self.stored_query_states: dict[bytes, torch.Tensor] | None = None  # see query_states
         self._gold: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._state: dict = {}
@@ -164,6 +131,7 @@ class MemoryModel(nn.Module):
 
     def set_bank(self, bank: MemoryBank, features: dict[int, torch.Tensor] | None = None) -> None:
         """Use ``bank`` from now on; ``features`` from :func:`encode_bank` (computed here when not given)."""
+
         if bank.max_entry_tokens != self.memory_config.max_entry_tokens and len(bank):
             raise UserError(f"The bank {bank.source} holds entries of up to {bank.max_entry_tokens} tokens, the "
                             f"memory model {self.memory_config.max_entry_tokens}; load it with the same "
@@ -235,8 +203,14 @@ class MemoryModel(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------
 
-    def forward(self, input_ids=None, attention_mask=None, memory_index=None, **kwargs):
-        """The backbone's forward with memory; ``memory_index (B,)`` is the gold entry for ``retrieval="gold"``."""
+    def forward(self, input_ids=None, attention_mask=None, memory_index=None, gate_positions=None, **kwargs):
+        """The backbone's forward with memory; ``memory_index (B,)`` is the gold entry for ``retrieval="gold"``.
+
+        With ``gate_positions`` it is :meth:`gate_forward` instead (reading :attr:`stored_query_states`), so that
+        gate training goes through the DDP / DeepSpeed wrapper like any forward: called around the wrapper, the
+        processes' gradients would never be averaged."""
+        if gate_positions is not None:
+            return self.gate_forward(input_ids, attention_mask, gate_positions, states=self.stored_query_states)
         self._gold = memory_index
         kwargs.setdefault("use_cache", False)
         try:
@@ -244,20 +218,67 @@ class MemoryModel(nn.Module):
         finally:
             self._gold, self._state = None, {}
 
-    def gate_forward(self, input_ids, attention_mask, positions: torch.Tensor | None = None) -> dict:
+    def gate_forward(self, input_ids, attention_mask, positions: torch.Tensor | None = None,
+                     states: dict[bytes, torch.Tensor] | None = None) -> dict:
         """Run only up to the query layer and return the gate's retrieval (gate training and measuring).
 
         With ``positions`` (a ``(B, T)`` bool mask) only those positions are looked up, and the returned tensors
-        are ``(P, ...)`` in ``positions.nonzero()`` order; otherwise ``(B, T, ...)``."""
+        are ``(P, ...)`` in ``positions.nonzero()`` order; otherwise ``(B, T, ...)``. With ``states`` (from
+        :meth:`query_states`) holding every row, the backbone does not run at all."""
         self._gate_only = True
         self._positions = positions
         try:
-            self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = self._stored_states(input_ids, attention_mask, states) if states else None
+            if hidden is not None:
+                self._capture_inputs(None, (), {"input_ids": input_ids, "attention_mask": attention_mask})
+                self._retrieve(hidden)
+            else:
+                self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
         finally:
             self._gate_only, self._positions, self._state = False, None, {}
         return self.last_retrieval
+
+    @torch.no_grad()
+    def query_states(self, rows, batch_size: int = 32) -> dict[bytes, torch.Tensor]:
+        """The frozen backbone's hidden states at the query layer ``{row key: (length, H)}`` for token-id rows
+        (lists), read in a fixed batching so that every run gets the same values. The gate stage trains on them
+        instead of running the backbone at every step. Under ZeRO-3 every process must call it with the same rows."""
+        out: dict[bytes, torch.Tensor] = {}
+        device = next(self.backbone.parameters()).device
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            for start in range(0, len(rows), batch_size):
+                chunk = [list(r) for r in rows[start:start + batch_size]]
+                longest = max(map(len, chunk))
+                ids = torch.tensor([r + [0] * (longest - len(r)) for r in chunk], device=device)
+                mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in chunk], device=device)
+                self._capture: list[torch.Tensor] = []
+                try:
+                    with self.memory_off():
+                        self.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _StopForward:
+                    pass
+                hidden = self._capture[0]
+                for i, row in enumerate(chunk):
+                    out[_row_key(ids[i, :len(row)])] = hidden[i, :len(row)].clone()
+        finally:
+            self._capture = None
+            self.backbone.train(was_training)
+        return out
+
+    def _stored_states(self, input_ids, attention_mask, states) -> torch.Tensor | None:
+        """``(B, T, H)`` query-layer states of a batch from ``states`` (zeros at padding), or None if a row is
+        missing."""
+        mask = attention_mask.bool()
+        stored = [states.get(_row_key(ids[m])) for ids, m in zip(input_ids, mask)]
+        if any(s is None for s in stored):
+            return None
+        hidden = stored[0].new_zeros(*input_ids.shape, stored[0].shape[-1])
+        hidden[mask] = torch.cat(stored)
+        return hidden
 
     def generate(self, *args, **kwargs):
         """``backbone.generate`` with memory, with a KV cache (the gate's pooled sums go on from step to step).
@@ -305,6 +326,9 @@ class MemoryModel(nn.Module):
 
     def _make_layer_hook(self, layer: int):
         def hook(module, args, kwargs, output):
+            if self._capture is not None and layer == self.memory_config.query_layer:  # see query_states
+                self._capture.append((output[0] if isinstance(output, tuple) else output).detach())
+                raise _StopForward
             if not self.active or not self._state:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output

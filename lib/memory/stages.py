@@ -13,32 +13,6 @@ STAGES = {
 }
 
 
-def bank_features(model_args, args, memory, bank):
-    """The bank's frozen representations through the disk cache (:func:`lib.memory.model.cached_bank_features`).
-
-    Under ZeRO-3 the loaded backbone is partitioned and cannot run alone, so a full copy reads the bank."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    from lib.memory.model import cached_bank_features, encode_bank
-    from lib.models.deepspeed import zero3_init_disabled
-    from lib.models.loading import load_model
-
-    layers = memory.feature_layers()
-
-    def compute():
-        if not is_deepspeed_zero3_enabled():
-            with memory.memory_off():
-                return encode_bank(memory.backbone, bank, layers)
-        with zero3_init_disabled(args):
-            full = load_model(model_args.model_name_or_path, dtype=model_args.dtype,
-                              revision=model_args.model_revision)
-        return encode_bank(full, bank, layers)
-
-    with args.main_process_first(desc="bank features"):
-        return cached_bank_features(memory.weights_fingerprint(), bank, layers,
-                                    next(memory.backbone.parameters()).dtype, compute)
-
-
 def run_stage(stage: str, argv=None, extra_arguments: tuple = ()) -> dict:
     """Train one stage; ``extra_arguments`` are dataclasses of the calling script's own selector flags
     (``--router_type``, ``--memory_type``), parsed and checked but otherwise unused."""
@@ -70,6 +44,7 @@ def run_stage(stage: str, argv=None, extra_arguments: tuple = ()) -> dict:
     from lib.memory.bank import MemoryBank
     from lib.memory.config import MemoryConfig, default_layers
     from lib.memory.data import load_memory_rows, mix_general
+    from lib.memory.features import bank_features
     from lib.memory.model import MemoryModel, memory_parts_from
     from lib.memory.trainer import AlphaInProgressBar, MemoryTrainer, RefreshPlacement
     from lib.models.args import ModelArguments
@@ -157,9 +132,18 @@ def run_stage(stage: str, argv=None, extra_arguments: tuple = ()) -> dict:
              "folder --qa_file qa.jsonl`."),
         ], library_name="transformers", tags=["explicit-memory", f"memory-{stage}"], base_model=cfg.base_model)
 
+    query_rows = None
+    if stage == "gate" and args.query_cache_gb > 0:
+        rows = list(train_ds["input_ids"]) + (list(eval_ds["input_ids"]) if eval_ds is not None else [])
+        size = sum(map(len, rows)) * backbone.config.hidden_size * next(backbone.parameters()).element_size()
+        if size <= args.query_cache_gb * 2**30:
+            query_rows = rows  # their states are computed at the first step (under ZeRO-3 only then can it run)
+        elif args.process_index == 0:
+            print(f"query-layer states of {len(rows)} rows would take {size / 2**30:.1f} GB, over --query_cache_gb "
+                  f"{args.query_cache_gb}: the backbone runs at every step", flush=True)
     trainer = MemoryTrainer(model=memory, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                            stage=stage, save_files=save_files)
+                            stage=stage, save_files=save_files, query_rows=query_rows)
     if schedules:
         trainer.add_callback(ScheduleCallback(schedules, trainer.coefs))
     if "gate" in trains:

@@ -35,10 +35,11 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 class MemoryTrainer(FrozenBackboneTrainer):
     """One trainer for the four stages; ``stage`` decides the losses and ``coefs`` holds the schedulable values."""
 
-    def __init__(self, *args, stage: str, save_files=None, **kwargs):
+    def __init__(self, *args, stage: str, save_files=None, query_rows: list | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stage = stage
         self._save_files = save_files
+        self._query_rows = query_rows  # gate stage: rows whose frozen query-layer states are computed once
         a = self.args
         self.coefs = {"gate_loss_coef": a.gate_loss_coef, "similarity_loss_coef": a.similarity_loss_coef,
                       "diversity_loss_coef": a.diversity_loss_coef,
@@ -114,6 +115,18 @@ class MemoryTrainer(FrozenBackboneTrainer):
         self.record("gate/entropy", -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum(), len(b_idx))
         return loss
 
+    def _store_query_states(self, memory) -> None:
+        """Compute the rows' query-layer states at the first call: inside training, where a backbone that ZeRO-3
+        partitioned can run (every process calls it at the same step, with the same rows)."""
+        if self._query_rows is None:
+            return
+        rows, self._query_rows = self._query_rows, None
+        memory.stored_query_states = memory.query_states(rows, batch_size=self.args.per_device_eval_batch_size)
+        if self.is_world_process_zero():
+            size = sum(t.numel() * t.element_size() for t in memory.stored_query_states.values())
+            print(f"\nquery-layer states of {len(rows)} rows computed once, kept in memory ({size / 2**20:.0f} MB)",
+                  flush=True)
+
     def _teacher(self, memory, inputs) -> torch.Tensor | None:
         """Soft targets ``(B, N)`` for rows without memory_id, from the frozen model's similarity (None if all
         rows have one)."""
@@ -143,7 +156,9 @@ class MemoryTrainer(FrozenBackboneTrainer):
         temperature = self.coefs["gumbel_temperature"]
         memory.gumbel_temperature = temperature if temperature > 0 else None
         if self.stage == "gate":
-            retrieval = memory.gate_forward(inputs["input_ids"], inputs["attention_mask"], positions)
+            self._store_query_states(memory)
+            retrieval = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              gate_positions=positions)
             loss = self._gate_terms(memory, retrieval, positions, gold, self._teacher(memory, inputs))
             self.record("loss/gate", loss.detach())
             return (loss, None) if return_outputs else loss
