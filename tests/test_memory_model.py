@@ -303,3 +303,13 @@ def test_bad_input_is_one_sentence(stages, fact_dir, tmp_path, tok):
     config.save(str(tmp_path / "small"))
     with pytest.raises(UserError, match="hidden size 32"):
         memory_parts_from(str(tmp_path / "small"), load_model(MODEL))
+
+
+def test_push_to_hub_offline_is_refused_before_a_stage_trains(fact_dir, tmp_path, monkeypatch):
+    import train_joint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="--push_to_hub needs the model hub, which is unreachable"):
+        train_joint.main(stage_args(fact_dir, tmp_path / "o", "--retrieval", "gold", "--push_to_hub",
+                                    "--hub_model_id", "me/memory"))
+    assert not (tmp_path / "o" / "trainable.safetensors").exists()

@@ -6,11 +6,7 @@ import json
 import pytest
 
 from lib.recall import chats
-
-
-def read(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+from tests.test_memory_parts import read
 
 
 @pytest.fixture(scope="module")
