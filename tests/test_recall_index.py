@@ -1,0 +1,52 @@
+"""The recall memory index: per-user search that never crosses users, exact and HNSW, save and load."""
+
+import numpy as np
+import pytest
+
+from lib.core.errors import DataError
+from lib.recall.index import MemoryIndex
+
+
+def entries_and_vectors(n_users=5, per_user=40, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    entries = [{"user_id": f"u{u}", "text": f"memory {i} of user {u}"} for u in range(n_users) for i in range(per_user)]
+    return entries, rng.standard_normal((len(entries), dim)).astype(np.float32)
+
+
+def exact_neighbours(entries, vectors, query, user, k):
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = unit @ (query / np.linalg.norm(query))
+    mine = [i for i, e in enumerate(entries) if e["user_id"] == user]
+    return [entries[i]["text"] for i in sorted(mine, key=lambda i: -scores[i])[:k]]
+
+
+@pytest.mark.parametrize("exact_limit", [10_000, 10])  # exact index, and HNSW above 10 entries
+def test_search_finds_the_users_nearest_memories_and_never_another_users(exact_limit):
+    entries, vectors = entries_and_vectors()
+    index = MemoryIndex(entries, vectors, exact_limit=exact_limit)
+    assert index.kind == ("exact" if exact_limit > len(entries) else "hnsw")
+    # Each query is another user's memory exactly: the searching user must still only get their own entries.
+    for row in (0, 45, 199):
+        owner = entries[row]["user_id"]
+        for user in ("u0", "u2", "u4"):
+            found = index.search(vectors[row], user, k=5)[0]
+            assert [e["user_id"] for _, e in found] == [user] * 5
+            assert [e["text"] for _, e in found] == exact_neighbours(entries, vectors, vectors[row], user, 5)
+            if user == owner:
+                assert found[0][1] is index.entries[row] and found[0][0] == pytest.approx(1.0, abs=1e-5)
+    assert index.search(vectors[0], "nobody", k=3) == [[]]
+
+
+def test_saved_index_loads_and_answers_the_same(tmp_path):
+    entries, vectors = entries_and_vectors(n_users=3, per_user=10)
+    index = MemoryIndex(entries, vectors)
+    index.save(str(tmp_path / "idx"))
+    again = MemoryIndex.load(str(tmp_path / "idx"))
+    queries = vectors[:4] + 0.1
+    assert again.search(queries, "u1", k=3) == index.search(queries, "u1", k=3)
+    with pytest.raises(DataError, match="holds no memory index"):
+        MemoryIndex.load(str(tmp_path / "nothing"))
+    with pytest.raises(DataError, match="one vector per entry"):
+        MemoryIndex(entries, vectors[:-1])
+    with pytest.raises(DataError, match="no user_id"):
+        MemoryIndex([{"text": "x"}], vectors[:1])
