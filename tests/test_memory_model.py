@@ -111,6 +111,10 @@ def test_kv_cache_steps_equal_the_whole_sequence(tok, fact_dir):
     cached = memory.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     plain = memory.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+    # Beam search reorders a cache behind the gate's back: it runs without one, and still generates.
+    beams = memory.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, num_beams=2,
+                            do_sample=False, use_cache=True)
+    assert beams.shape == (2, ids.shape[1] + 3)
 
 
 def test_gate_reads_stored_query_states_like_the_backbone(tok, fact_dir):

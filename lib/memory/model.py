@@ -284,7 +284,10 @@ class MemoryModel(nn.Module):
         """``backbone.generate`` with memory, with a KV cache (the gate's pooled sums go on from step to step).
         Beam search reorders the cache behind the gate's back, so it runs without one."""
         beams = kwargs.get("num_beams") or getattr(self.backbone.generation_config, "num_beams", 1) or 1
-        kwargs.setdefault("use_cache", beams == 1)
+        if beams > 1:
+            kwargs["use_cache"] = False
+        else:
+            kwargs.setdefault("use_cache", True)
         return self.backbone.generate(*args, **kwargs)
 
     def reorder_cache_state(self, index: torch.Tensor) -> None:
