@@ -51,11 +51,11 @@ demo-memory: setup
 	$(BIN)/python train_router.py recipes/memory/train_gate_smollm2.yaml --overwrite_output_dir \
 		--output_dir $(DEMO_MEMORY)/gate
 	$(BIN)/python train_fusion.py recipes/memory/train_fusion_smollm2.yaml --overwrite_output_dir \
-		--max_train_rows 640 --init_from $(DEMO_MEMORY)/gate --output_dir $(DEMO_MEMORY)/fusion
+		--max_train_rows 512 --init_from $(DEMO_MEMORY)/gate --output_dir $(DEMO_MEMORY)/fusion
 	$(BIN)/python train_joint.py recipes/memory/train_joint_smollm2.yaml --overwrite_output_dir \
 		--max_train_rows 192 --init_from $(DEMO_MEMORY)/fusion --output_dir $(DEMO_MEMORY)/joint
 	$(BIN)/python train_memory.py recipes/memory/train_memory_smollm2.yaml --overwrite_output_dir \
-		--max_train_rows 112 --init_from $(DEMO_MEMORY)/joint --output_dir $(DEMO_MEMORY)/final
+		--max_train_rows 80 --init_from $(DEMO_MEMORY)/joint --output_dir $(DEMO_MEMORY)/final
 	$(BIN)/python evaluate.py --memory_model $(DEMO_MEMORY)/final --qa_file data/facts/qa_test.jsonl --qa_limit 48 \
 		--max_new_tokens 8 --counterfactual_bank data/facts/bank_counterfactual.jsonl --output_dir $(DEMO_MEMORY)/eval
 	@echo ""
