@@ -18,7 +18,7 @@ import string
 
 import torch
 
-from lib.core.data import load_rows
+from lib.core.data import PadCollator, load_rows
 from lib.core.errors import DataError
 from lib.memory.bank import MemoryBank
 from lib.memory.data import prompt_and_answer
@@ -85,9 +85,9 @@ def choice_logprobs(model, tokenizer, questions: list[str], choices: list[list[s
         pairs = [[prompt_and_answer(tokenizer, q, option) for option in options]
                  for q, options in zip(questions[start:start + per_batch], choices[start:start + per_batch])]
         prompts = [p[0][0] for p in pairs]  # the prompt does not depend on the answer
-        longest = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+        batch = PadCollator(pad, padding_side="left")([{"input_ids": p, "attention_mask": [1] * len(p)}
+                                                       for p in prompts])
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=model.config)
         first = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
@@ -97,9 +97,9 @@ def choice_logprobs(model, tokenizer, questions: list[str], choices: list[list[s
         if hasattr(model, "reorder_cache_state"):
             model.reorder_cache_state(rows)
         answers = [a for p in pairs for _, a in p]
-        width = max(map(len, answers))
-        answer_ids = torch.tensor([a + [pad] * (width - len(a)) for a in answers], device=device)
-        answer_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=device)
+        batch = PadCollator(pad)([{"input_ids": a, "attention_mask": [1] * len(a)} for a in answers])
+        answer_ids, answer_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        width = answer_ids.shape[1]
         logp = model(input_ids=answer_ids, attention_mask=torch.cat([mask[rows], answer_mask], 1),
                      position_ids=positions[rows, -1:] + 1 + torch.arange(width, device=device), cache=cache,
                      use_cache=True).logits.float().log_softmax(-1)  # (N, width, V): the tokens after the first

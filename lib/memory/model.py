@@ -4,13 +4,12 @@ Hooks on the backbone's decoder layers do the work, so the backbone object itsel
 ``model.backbone`` can go to lm-eval, TRL or ``generate`` like any transformers model, and ``MemoryModel.forward``
 / ``generate`` simply call it. At the query layer the gate picks ``top_k`` entries for every position (causally:
 a position's query never sees later tokens, so with a KV cache a generation step carries only the gate's running
-sums); at each
-fusion layer every position attends over its entries' token representations and adds the result through a gate
-that starts shut. An empty bank (or ``retrieval="none"``) skips every hook: the output is the backbone's, exactly.
+sums); at each fusion layer every position attends over its entries' token representations and adds the result
+through a gate that starts shut. An empty bank (or ``retrieval="none"``) skips every hook: the output is the backbone's, exactly.
 
 The entries' frozen representations (token embeddings, the query layer's hidden states, and each fusion layer's
-hidden states or token embeddings) are computed once per bank by :func:`lib.memory.features.encode_bank` and held as buffers that are
-never saved: the bank itself is saved as text, so a person can edit it and a new bank can be swapped in.
+hidden states or token embeddings) are computed once per bank by :func:`lib.memory.features.encode_bank` and held
+as buffers that are never saved: the bank itself is saved as text, so a person can edit it and a new bank can be swapped in.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import os
 import torch
 from torch import nn
 
+from lib.core.data import PadCollator
 from lib.core.errors import UserError
 from lib.core.files import atomic_path
 from lib.memory.bank import MemoryBank
@@ -100,6 +100,7 @@ class MemoryModel(nn.Module):
         self._gate_only = False
         self._capture: list[torch.Tensor] | None = None
         self.stored_query_states: dict[bytes, torch.Tensor] | None = None  # see query_states
+        self._carry: dict[str, list[torch.Tensor]] = {}  # the gate's running sums while generating with a KV cache
         self._gold: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._state: dict = {}
@@ -131,7 +132,6 @@ class MemoryModel(nn.Module):
 
     def set_bank(self, bank: MemoryBank, features: dict[int, torch.Tensor] | None = None) -> None:
         """Use ``bank`` from now on; ``features`` from :func:`encode_bank` (computed here when not given)."""
-
         if bank.max_entry_tokens != self.memory_config.max_entry_tokens and len(bank):
             raise UserError(f"The bank {bank.source} holds entries of up to {bank.max_entry_tokens} tokens, the "
                             f"memory model {self.memory_config.max_entry_tokens}; load it with the same "
@@ -252,10 +252,9 @@ class MemoryModel(nn.Module):
         try:
             for start in range(0, len(rows), batch_size):
                 chunk = [list(r) for r in rows[start:start + batch_size]]
-                longest = max(map(len, chunk))
-                ids = torch.tensor([r + [0] * (longest - len(r)) for r in chunk], device=device)
-                mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in chunk], device=device)
-                self._capture: list[torch.Tensor] = []
+                batch = PadCollator(0)([{"input_ids": r, "attention_mask": [1] * len(r)} for r in chunk])
+                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                self._capture = []
                 try:
                     with self.memory_off():
                         self.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -293,13 +292,8 @@ class MemoryModel(nn.Module):
     def reorder_cache_state(self, index: torch.Tensor) -> None:
         """What ``cache.reorder_cache(index)`` does to a KV cache, done to the gate's running sums: row i of the
         batch becomes row ``index[i]`` (repeated indices copy a prompt's state for several continuations)."""
-        carry = getattr(self, "_carry", None)
-        if not carry:
-            return
-        for name, sums in carry.items():
-            if name != "batch" and sums:
-                carry[name] = [s.index_select(0, index.to(s.device)) for s in sums]
-        carry["batch"] = len(index)
+        for name, sums in self._carry.items():
+            self._carry[name] = [s.index_select(0, index.to(s.device)) for s in sums]
 
     # ---- hooks -------------------------------------------------------------------------------------
 
@@ -319,8 +313,8 @@ class MemoryModel(nn.Module):
         carry = None
         if cache is not None and hasattr(cache, "get_seq_length"):
             if cache.get_seq_length() == 0:
-                self._carry = {"batch": b}
-            elif getattr(self, "_carry", {}).get("batch") != b:
+                self._carry = {}
+            elif not self._carry or any(sums[0].shape[0] != b for sums in self._carry.values()):
                 raise UserError("A KV cache reached the memory model without the gate state of its first step; "
                                 "generate through MemoryModel.generate (beam search runs without a cache).")
             carry = self._carry
