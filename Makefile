@@ -2,6 +2,7 @@
 # make test  : run the whole test suite (unit, 2-process distributed, slow builtin-model tests)
 # make demo  : the whole data-selection pipeline on the builtin SmolLM2 model: routers -> selection -> LoRA -> lm-eval
 # make demo-memory : explicit memory on the builtin SmolLM2: facts -> gate -> fusion -> joint -> memory -> evaluation
+# make demo-recall : recall memory on the builtin SmolLM2: chat logs -> extraction -> index -> <recall> training -> answers
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.sidekit-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo demo-memory clean
+.PHONY: setup test test-fast demo demo-memory demo-recall clean
 
 setup: $(STAMP)
 
@@ -66,3 +67,13 @@ demo-memory: setup
 
 clean:
 	rm -rf outputs data .pytest_cache
+
+# Recall memory: 40 users' chat logs, entries extracted by the base model, the recipe's training, then three
+# questions of a test user (u0034: a fact, a fact that changed later, and one never told).
+DEMO_RECALL := outputs/recall_demo
+demo-recall: setup
+	$(BIN)/python -m lib.recall.chats --output_dir data/chats --users 40
+	$(BIN)/python train_memory.py recipes/recall/train_recall_smollm2.yaml --overwrite_output_dir \
+		--output_dir $(DEMO_RECALL)
+	$(BIN)/python -m lib.recall.ask $(DEMO_RECALL) --user_id u0034 --show_memories \
+		"What is my dog called?" "What do I do for a living?" "Which sport do I play?"

@@ -22,6 +22,7 @@ the base model and the base model with the gold entry in the prompt, plus gate h
         --tasks arc_easy,piqa --limit 150 --output_dir outputs/memory/eval
 """
 
+import contextlib
 import os
 import sys
 
@@ -59,6 +60,11 @@ def main(argv=None) -> dict:
         from lib.memory.config import MemoryConfig
 
         argv += ["--model_name_or_path", MemoryConfig.load(memory_folder).base_model]
+    recall_folder = peek_setting(argv, "recall_model")
+    if recall_folder and not peek_setting(argv, "model_name_or_path"):
+        from lib.recall.model import RecallConfig
+
+        argv += ["--model_name_or_path", RecallConfig.load(recall_folder).base_model]
     model_args, args = parse_args((ModelArguments, EvaluateArguments), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
@@ -67,6 +73,8 @@ def main(argv=None) -> dict:
 
     if args.memory_model and not args.task_names and not args.task_file:
         return evaluate_memory_model(args, [], None, None, {})  # QA rows only: no lm-eval tasks to set up
+    if args.recall_model and not args.task_names and not args.task_file:
+        return evaluate_recall_model(args, model_args, [], None, None, {})
 
     with tempfile.TemporaryDirectory(prefix="sidekit-tasks-") as scratch:
         # ---- tasks: lm-eval's own names, from the hub or the offline pack; the user's own file ------------
@@ -84,6 +92,8 @@ def main(argv=None) -> dict:
 
         if args.memory_model:
             return evaluate_memory_model(args, names, manager, source, pack_notes)
+        if args.recall_model:
+            return evaluate_recall_model(args, model_args, names, manager, source, pack_notes)
 
         # ---- base model, then the adapter merged into the same weights ----------------------------------
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,6 +177,57 @@ def evaluate_memory_model(args, names, manager, source, pack_notes) -> dict:
                                                if t in evaluated and n["substituted"]})
         out["lm_eval"] = runs
         print("\n" + table, flush=True)
+    print(f"results: {os.path.abspath(args.output_dir)}", flush=True)
+    return out
+
+
+def evaluate_recall_model(args, model_args, names, manager, source, pack_notes) -> dict:
+    """lm-eval for base vs recall model (the LoRA on, no memory slots) with --tasks, then the probes: results.json
+    and results.md hold both."""
+    import json
+
+    import torch
+
+    from lib.core.files import atomic_path, write_json
+    from lib.eval.harness import run_lm_eval, write_results
+    from lib.recall.answer import RecallAssistant
+    from lib.recall.probes import evaluate_probes, load_probes, probes_markdown
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assistant = RecallAssistant(args.recall_model, model_args=model_args, device=device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    out: dict = {"recall_model": os.path.abspath(args.recall_model)}
+    markdown = ""
+    if names:
+        runs = {}
+        peft_model = assistant.model.model
+        for name in ("base", "recall"):
+            print(f"evaluating {name} on {', '.join(names)}", flush=True)
+            with peft_model.disable_adapter() if name == "base" else contextlib.nullcontext():
+                # The LoRA layers live inside the base model's modules: lm-eval sees an ordinary transformers model.
+                runs[name] = run_lm_eval(peft_model.get_base_model(), assistant.tokenizer, names, manager,
+                                         limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                                         seed=args.seed)
+            evaluated = set().union(*(r.get("results", {}).keys() for r in runs.values()))
+            table = write_results(args.output_dir, runs, args=args, model_name=model_args.model_name_or_path,
+                                  task_source=source, device=device,
+                                  split_notes={t: n for t, n in pack_notes.items()
+                                               if t in evaluated and n["substituted"]})
+        print("\n" + table, flush=True)
+        with open(os.path.join(args.output_dir, "results.json")) as f:
+            out.update(json.load(f))
+        with open(os.path.join(args.output_dir, "results.md")) as f:
+            markdown = f.read() + "\n"
+    if args.probe_file:
+        probes = load_probes(args.probe_file, args.probe_limit, args.seed)
+        out["probes"] = evaluate_probes(assistant, probes, max_new_tokens=args.max_new_tokens,
+                                        batch_size=args.batch_size, progress=lambda m: print(m, flush=True))
+        table = probes_markdown(out["probes"], args.probe_file)
+        print("\n" + table, flush=True)
+        markdown += table
+    with atomic_path(os.path.join(args.output_dir, "results.md")) as tmp, open(tmp, "w") as f:
+        f.write(markdown)
+    write_json(os.path.join(args.output_dir, "results.json"), out)
     print(f"results: {os.path.abspath(args.output_dir)}", flush=True)
     return out
 

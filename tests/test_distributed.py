@@ -93,10 +93,14 @@ def test_deepspeed_matches_ddp(stage, tmp_path, pool_files, ddp_routers):
     routers = check_only_routers_changed(tmp_path, "builtin:tiny-mixtral")
     for name, weight in ddp_routers.items():
         assert torch.allclose(routers[name], weight, atol=1e-5), (stage, name, (routers[name] - weight).abs().max())
-    # The DeepSpeed checkpoint leaves the frozen weights out, and resuming from it reproduces the uninterrupted run.
+    # The DeepSpeed checkpoint leaves the frozen weights out, and resuming from it reproduces the uninterrupted run
+    # (under ZeRO-3 only, where resuming has the most to get wrong: partitioned weights, a non-strict module load;
+    # one launch less keeps the suite's time down).
     engine_state = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in
                        os.walk(tmp_path / "checkpoint-2" / "global_step2") for f in files)
     assert engine_state < os.path.getsize(os.path.join(resolve_model_path("builtin:tiny-mixtral"), "model.safetensors"))
+    if stage != "zero3":
+        return
     resumed = tmp_path / "resumed"
     proc = launch("deepspeed", resumed, pool_files["train"], "--deepspeed", f"ds_configs/{stage}.json",
                   "--resume_from_checkpoint", str(tmp_path / "checkpoint-2"))

@@ -63,8 +63,16 @@ def adapt(argv: list[str]) -> list[str]:
             # the tiny models' small tokenizer spends more tokens per bank entry than SmolLM2's
             argv += ["--max_entry_tokens", "48", "--max_train_rows", "16", "--max_eval_rows", "8",
                      "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8"]
+    if os.path.basename(script) == "train_memory.py" and "recipes/recall/train_recall_smollm2.yaml" in argv:
+        # the tiny random model extracts no memory from the logs: give it the generator's entries
+        argv += ["--memories_file", "data/chats/facts.jsonl", "--max_qa_rows", "8", "--per_device_train_batch_size",
+                 "4"]
+    if "lib.recall.chats" in argv:
+        argv += ["--users", "6"]
     elif script == "select_data.py":
         argv += ["--max_samples", "24", "--disable_tqdm"]
+    elif script == "evaluate.py" and "--recall_model" in argv:
+        argv += ["--probe_limit", "4", "--max_new_tokens", "3"]
     elif script == "evaluate.py" and "--memory_model" in argv:
         argv[argv.index("--qa_limit") + 1] = "4"
         argv += ["--max_new_tokens", "3"]

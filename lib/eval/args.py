@@ -40,10 +40,26 @@ class EvaluateArguments:
     irrelevant_bank: str | None = field(default=None, metadata={"help": "A bank without the asked entries."})
     qa_limit: int | None = field(default=None, metadata={"help": "Score a seeded sample of this many QA rows."})
     max_new_tokens: int = field(default=12, metadata={"help": "Greedy answer length for exact match."})
+    recall_model: str | None = field(default=None, metadata={
+        "help": "Output folder of train_memory.py --memory_type recall: answer --probe_file with recall, without "
+                "memory and with the gold memory text (results.json / results.md), and --tasks for base vs recall "
+                "model."})
+    probe_file: str | None = field(default=None, metadata={
+        "help": "Questions for --recall_model: {user_id, question, answer} rows, optional memory (gold text) and "
+                "kind."})
+    probe_limit: int | None = field(default=None, metadata={"help": "Answer a seeded sample of this many probes."})
 
     def __post_init__(self):
         self.task_names = [t.strip() for t in self.tasks.split(",") if t.strip()]
-        if not self.task_names and not self.task_file and not self.memory_model:
+        if self.recall_model and self.memory_model:
+            raise UserError("--recall_model and --memory_model cannot be combined; evaluate them separately.")
+        if (self.probe_file or self.probe_limit is not None) and not self.recall_model:
+            raise UserError("--probe_file belongs to --recall_model; pass the recall model's folder.")
+        if self.recall_model and not self.probe_file and not self.task_names:
+            raise UserError("--recall_model needs --probe_file (questions about users' memories) or --tasks.")
+        if self.recall_model and self.adapter:
+            raise UserError("--recall_model and --adapter cannot be combined; evaluate them separately.")
+        if not self.task_names and not self.task_file and not self.memory_model and not self.recall_model:
             raise UserError("Nothing to evaluate: pass --tasks (lm-eval names, e.g. arc_easy,piqa) or --task_file.")
         memory_flags = [n for n in ("memory_bank", "qa_file", "counterfactual_bank", "irrelevant_bank", "qa_limit")
                         if getattr(self, n) is not None]

@@ -116,4 +116,6 @@ class GateStageArguments:
 @dataclass
 class MemoryTypeArguments:
     memory_type: str = field(default="explicit", metadata={"help": "Which memory to train (explicit: bank + gate + "
-                                                                   "fusion).", "choices": ["explicit"]})
+                                                                   "fusion; recall: <recall> token + projector + "
+                                                                   "LoRA from chat logs).",
+                                                           "choices": ["explicit", "recall"]})

@@ -19,6 +19,7 @@ Writes, in --output_dir:
     questions_test.jsonl      "kind"}: two per current fact (kind "fact" or "updated"), and two per user about
                               kinds of fact the user never mentioned (kind "unknown", answer "unknown")
     users.json                the users, their split and facts
+    general_chat.jsonl        real instruction conversations ({"messages"}) to mix into training (general ability)
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ def value(kind: str, split: str, rng: random.Random, words: InventedWords) -> st
     return rng.choice(test if split == "test" else train)
 
 
-def build(output_dir: str, users_count: int = 120, seed: int = 0, test_fraction: float = 0.2) -> dict[str, int]:
+def build(output_dir: str, users_count: int = 120, seed: int = 0, test_fraction: float = 0.2,
+          general_rows: int = 1000) -> dict[str, int]:
     """Write the logs, facts, questions and users; return the row count of each file."""
     if users_count < 2:
         raise SystemExit(f"--users must be at least 2, got {users_count}.")
@@ -227,8 +229,11 @@ def build(output_dir: str, users_count: int = 120, seed: int = 0, test_fraction:
         for kind in rng.sample(sorted(set(KINDS) - set(user.facts)), 2):
             questions[user.split].append({"user_id": user.user_id, "question": rng.choice(KINDS[kind][3]),
                                           "answer": UNKNOWN, "memory": None, "attribute": kind, "kind": UNKNOWN})
+    from lib.memory.facts import general_conversations
+
     files = {"logs/conversations.jsonl": conversations, "facts.jsonl": facts,
-             "questions_train.jsonl": questions["train"], "questions_test.jsonl": questions["test"]}
+             "questions_train.jsonl": questions["train"], "questions_test.jsonl": questions["test"],
+             "general_chat.jsonl": [{"messages": m} for m in general_conversations(general_rows, seed)]}
     for name, rows in files.items():
         os.makedirs(os.path.dirname(os.path.join(output_dir, name)), exist_ok=True)
         write_jsonl(os.path.join(output_dir, name), rows)

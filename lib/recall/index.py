@@ -64,6 +64,16 @@ class MemoryIndex:
 
     def search(self, queries: np.ndarray, user_id: str, k: int = 5) -> list[list[tuple[float, dict]]]:
         """The ``k`` nearest entries of ``user_id`` for each query vector: ``[[(cosine, entry), ...], ...]``."""
+        return [[(score, self.entries[row]) for score, row in hits] for hits in self.search_rows(queries, user_id, k)]
+
+    def vectors(self, rows: list[int]) -> np.ndarray:
+        """The stored (unit) vectors of entry rows ``(len(rows), dim)``."""
+        if not len(rows):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([self.index.reconstruct(int(r)) for r in rows])
+
+    def search_rows(self, queries: np.ndarray, user_id: str, k: int = 5) -> list[list[tuple[float, int]]]:
+        """As :meth:`search`, with entry row numbers instead of entries."""
         import faiss
 
         queries = _unit(np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32))
@@ -76,7 +86,7 @@ class MemoryIndex:
         else:
             params = faiss.SearchParameters(sel=selector)
         scores, ids = self.index.search(queries, min(k, len(rows)), params=params)
-        return [[(float(s), self.entries[i]) for s, i in zip(row_scores, row_ids) if i >= 0]
+        return [[(float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0]
                 for row_scores, row_ids in zip(scores, ids)]
 
     def save(self, folder: str) -> None:

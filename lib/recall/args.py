@@ -1,0 +1,86 @@
+"""Arguments of train_memory.py --memory_type recall (the model itself comes from lib.models.args.ModelArguments)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lib.core.errors import UserError
+from lib.core.training_args import FrozenBackboneTrainingArguments
+from lib.recall.vectors import VECTOR_TEMPLATE
+
+
+@dataclass
+class RecallDataArguments:
+    chat_logs: str | None = field(default=None, metadata={
+        "help": "Chat logs: a .jsonl / .json / .parquet file or a folder of them, rows {conversation_id, user_id, "
+                "timestamp, messages}. Only conversations that are new or changed since the last run are read."})
+    memories_file: str | None = field(default=None, metadata={
+        "help": "Memory entries written elsewhere ({user_id, text} rows, or {user_id, memory}): used as they are, "
+                "instead of extracting them from --chat_logs."})
+    qa_file: str | None = field(default=None, metadata={
+        "help": "Questions to train answering on: {user_id, question, answer} rows (optional \"memory\": its gold "
+                "entry text, always among the slots of its row when it is an entry)."})
+    sft_file: str | None = field(default=None, metadata={
+        "help": "Ordinary instruction conversations ({messages} rows) mixed in so general ability is kept."})
+    sft_mix_ratio: float = field(default=0.1, metadata={
+        "help": "Instruction rows per memory row (0.1: one in ten)."})
+    max_qa_rows: int | None = field(default=None, metadata={"help": "Use at most this many --qa_file rows (seeded)."})
+    max_length: int = field(default=192, metadata={"help": "Longest training row in tokens."})
+
+    def __post_init__(self):
+        if not self.chat_logs and not self.memories_file:
+            raise UserError("Give --chat_logs (conversations to extract memories from) or --memories_file (entries "
+                            "written elsewhere).")
+        if self.sft_mix_ratio < 0:
+            raise UserError(f"--sft_mix_ratio must be 0 or more, got {self.sft_mix_ratio}.")
+
+
+@dataclass
+class RecallModelArguments:
+    extractor_model: str | None = field(default=None, metadata={
+        "help": "Model that turns user messages into memory entries (default: --model_name_or_path)."})
+    extraction_batch_size: int = field(default=16, metadata={"help": "User messages per extraction batch."})
+    extraction_max_new_tokens: int = field(default=24, metadata={"help": "Longest entry the extractor writes."})
+    check_grounding: bool = field(default=True, metadata={
+        "help": "Drop an extracted entry whose content words are not in its message (a small extractor invents)."})
+    vector_layer: int = field(default=-1, metadata={
+        "help": "Decoder layer whose last-token hidden state is the memory vector (-1: the last, normed)."})
+    vector_template: str = field(default=VECTOR_TEMPLATE, metadata={
+        "help": "Prompt around a text before its last-token state is read ({text} is the text)."})
+    top_k: int = field(default=3, metadata={"help": "Memories retrieved per question: one <recall> slot each."})
+    exact_index_limit: int = field(default=50_000, metadata={
+        "help": "Up to this many entries the index is exact; above it, HNSW."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    k_folds: int = field(default=0, metadata={
+        "help": "K-fold cross-validation over memory entries before the final run (0: none): each fold's held-out "
+                "reconstruction and their mean and std go into summary.json."})
+    merge_adapter: bool = field(default=False, metadata={
+        "help": "Also write the LoRA merged into the model (merged/), <recall> row included."})
+    push_memories: bool = field(default=False, metadata={
+        "help": "With --push_to_hub, also push the index and the entries (personal data: off by default)."})
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise UserError(f"--top_k must be at least 1, got {self.top_k}.")
+        if self.k_folds == 1 or self.k_folds < 0:
+            raise UserError(f"--k_folds must be 0 (none) or at least 2, got {self.k_folds}.")
+        if "{text}" not in self.vector_template:
+            raise UserError("--vector_template must contain {text}.")
+
+
+@dataclass
+class RecallTrainingArguments(FrozenBackboneTrainingArguments):
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (LoRA, <recall> row, "
+                                                                 "projector)."})
+    num_train_epochs: float = field(default=4.0, metadata={"help": "Passes over the memory rows."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per device per step."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: steps, or a share of them below 1."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept."})
+    eval_strategy: str = field(default="no", metadata={"help": "Held-out reconstruction is measured after "
+                                                               "training (summary.json)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep memory_ids and task in batches."})

@@ -1,0 +1,180 @@
+"""Memory entries from chat logs: a model rewrites each user message as a fact about the user, or NONE.
+
+One prompt per user message (a small model does far better on one message than on a whole conversation), with a
+few generic examples; the first line of the answer is parsed into an entry ("The user's dog is called Rex."). Two
+checks keep what a small extractor invents out of memory: an entry must start with "The user", and every content
+word of it must appear in the message it came from (a shared 4-letter stem is enough: "lives" / "live"). Entries are
+deduplicated per user; a later entry that differs from an earlier one of the same user only in its last words
+("The user lives in Brovik." then "The user lives in Talmor.") replaces it, and the replaced one goes to the history.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+
+from lib.core.data import PadCollator
+
+SYSTEM = ("You turn a chat message into a fact about the user, or NONE. Write the fact as one short sentence "
+          "starting with 'The user'. If the message says nothing about the user's own life, write NONE.")
+# Generic examples: none of them is about a kind of fact the project's chat generator uses.
+SHOTS = [("my son Tom starts school tomorrow, so nervous", "The user's son is called Tom."),
+         ("did you see the game last night? crazy ending", "NONE"),
+         ("I'm vegetarian so I'll skip the burgers", "The user is vegetarian."),
+         ("what's the capital of Peru?", "NONE"),
+         ("ugh, the bus to Milford, where I live, was late again", "The user lives in Milford.")]
+# Words an entry may use without the message using them: grammar and the usual relation verbs.
+FRAME_WORDS = set("""the user user's users is are was were be been has have had a an of to in at for on and or with
+their they them his her its it that this who which as by from called named name lives live works work likes like
+loves love enjoys enjoy plays play drives drive owns own favourite favorite does do not no""".split())
+_WORD = re.compile(r"[\w']+")
+
+
+def _instructions() -> list[dict]:
+    messages = [{"role": "system", "content": SYSTEM}]
+    for said, fact in SHOTS:
+        messages += [{"role": "user", "content": said}, {"role": "assistant", "content": fact}]
+    return messages
+
+
+def extraction_prompt(tokenizer, message: str) -> list[int]:
+    messages = _instructions() + [{"role": "user", "content": message}]
+    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+def shared_prefix(tokenizer) -> list[int]:
+    """The tokens every extraction prompt starts with (instructions and examples)."""
+    return tokenizer.apply_chat_template(_instructions(), tokenize=True, return_dict=False)
+
+
+def words(text: str) -> list[str]:
+    return [w.strip("'") for w in _WORD.findall(text.lower())]
+
+
+def grounded(entry: str, message: str) -> bool:
+    """Every content word of ``entry`` appears in ``message`` (same word, the same first four letters, or the start
+    of a word of the message)."""
+    said = set(words(message))
+    stems = {w[:4] for w in said if len(w) >= 4}
+    for word in words(entry):
+        if word in FRAME_WORDS or word in said or (len(word) >= 4 and word[:4] in stems):
+            continue
+        if len(word) >= 3 and any(w.startswith(word) for w in said):  # "cat" / "cats"
+            continue
+        return False
+    return True
+
+
+def parse_entry(generated: str, message: str, *, check_grounding: bool = True) -> str | None:
+    """The entry in an extractor's answer, or None (NONE, not a fact about the user, or not grounded)."""
+    line = generated.strip().split("\n")[0].strip().strip('"').strip()
+    if not line.lower().startswith("the user") or "none" == line.lower().strip(". "):
+        return None
+    line = re.sub(r"\s+", " ", line).rstrip(" ,;:")
+    if not line.endswith((".", "!", "?")):
+        line += "."
+    if len(words(line)) < 4 or (check_grounding and not grounded(line, message)):
+        return None
+    return line
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+                   prefix: list[int] | None = None, progress=None) -> list[str]:
+    """Greedy continuations of token-id prompts, batched longest first, decoded; each ends at its first newline.
+
+    With ``prefix`` (tokens every prompt starts with), the prefix is read once and its KV cache copied into every
+    batch, so only each prompt's own tokens are read again: with the extraction examples that is most of a prompt.
+    The rest of each prompt is left-padded after the prefix (the padding is masked out)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    if prefix and not all(p[:len(prefix)] == prefix for p in prompts):
+        prefix = None
+    cache = None
+    if prefix:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
+    cut = len(prefix) if prefix else 0
+    collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([{"input_ids": prompts[i][cut:], "attention_mask": [1] * (len(prompts[i]) - cut)}
+                         for i in chunk])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        kwargs = {}
+        if cache is not None:
+            rows = copy.deepcopy(cache)
+            rows.batch_repeat_interleave(len(chunk))
+            ids = torch.cat([torch.tensor([prefix] * len(chunk)), ids], 1)
+            mask = torch.cat([torch.ones(len(chunk), cut, dtype=mask.dtype), mask], 1)
+            kwargs["past_key_values"] = rows
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, stop_strings=["\n"], tokenizer=tokenizer,
+                                   **kwargs)
+        for i, row in zip(chunk, generated[:, ids.shape[1]:]):
+            out[i] = tokenizer.decode(row, skip_special_tokens=True)
+        if progress is not None:
+            progress(min(start + batch_size, len(order)), len(order))
+    return out
+
+
+def extract_entries(model, tokenizer, conversations: list[dict], *, batch_size: int = 16, max_new_tokens: int = 24,
+                    check_grounding: bool = True, progress=None) -> tuple[list[dict], int]:
+    """Entries ``{"user_id", "text", "conversation_id", "timestamp", "message"}`` from the user messages of
+    ``conversations`` (in conversation order), and the number of messages read."""
+    said = [(c, m["content"]) for c in conversations for m in c["messages"]
+            if m["role"] == "user" and m["content"].strip()]
+    generated = generate_texts(model, tokenizer, [extraction_prompt(tokenizer, text) for _, text in said],
+                               max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               prefix=shared_prefix(tokenizer), progress=progress)
+    entries = []
+    for (conversation, message), answer in zip(said, generated):
+        text = parse_entry(answer, message, check_grounding=check_grounding)
+        if text is not None:
+            entries.append({"user_id": conversation["user_id"], "text": text,
+                            "conversation_id": conversation["conversation_id"],
+                            "timestamp": conversation["timestamp"], "message": message})
+    return entries, len(said)
+
+
+def _key(text: str) -> tuple[str, ...]:
+    return tuple(words(text))
+
+
+def contradicts(earlier: str, later: str, min_shared: int = 4) -> bool:
+    """The two entries say the same thing about a different value: equal first ``min_shared`` or more words, then
+    different last words ("The user lives in Brovik." / "The user lives in Talmor.")."""
+    a, b = _key(earlier), _key(later)
+    if a == b:
+        return False
+    shared = 0
+    while shared < min(len(a), len(b)) and a[shared] == b[shared]:
+        shared += 1
+    return shared >= min_shared and shared < len(a) and shared < len(b)
+
+
+def merge_entries(entries: list[dict], new: list[dict], dropped_conversations: set[str] = frozenset()
+                  ) -> tuple[list[dict], list[dict]]:
+    """The memory after ``new`` entries arrive: ``(entries, replaced)``.
+
+    Entries of ``dropped_conversations`` (changed or re-read conversations) leave first; a new entry equal to one
+    the user already has is a duplicate; a new entry that contradicts an earlier one of the same user replaces it
+    (the earlier one is returned in ``replaced`` with ``replaced_by``). New entries are taken in time order."""
+    kept = [dict(e) for e in entries if e["conversation_id"] not in dropped_conversations]
+    replaced = []
+    for entry in sorted(new, key=lambda e: (e["timestamp"], e["conversation_id"])):
+        same_user = [e for e in kept if e["user_id"] == entry["user_id"]]
+        if any(_key(e["text"]) == _key(entry["text"]) for e in same_user):
+            continue
+        for old in same_user:
+            if old["timestamp"] <= entry["timestamp"] and contradicts(old["text"], entry["text"]):
+                kept.remove(old)
+                replaced.append({**old, "replaced_by": entry["text"], "replaced_at": entry["timestamp"]})
+        kept.append(dict(entry))
+    return kept, replaced

@@ -1,0 +1,120 @@
+"""Questions about users' memories, answered four ways: with recall (one ``<recall>`` slot per retrieved memory),
+without memory (the recall model, and the base model), and with the gold memory text in the prompt (the upper
+bound; the base model, and the recall model). Plus index recall@k and the context tokens each way uses.
+
+Probe rows: ``{"user_id", "question", "answer"}``, optional ``"memory"`` (the gold memory text) and ``"kind"``
+(results are also split by it). An answer is right when the gold answer appears in it (normalised); "unknown" also
+accepts "don't know".
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from lib.core.data import load_rows
+from lib.core.errors import DataError
+from lib.recall.evaluation import (
+    answer_correct,
+    ask_prompts,
+    generate_with_memories,
+    normalise,
+)
+
+
+def load_probes(path: str, limit: int | None = None, seed: int = 0) -> list[dict]:
+    import random
+
+    rows = load_rows(path)
+    missing = {"user_id", "question", "answer"} - set(rows.column_names)
+    if missing:
+        raise DataError(f"{path} lacks field(s) {sorted(missing)}; probe rows need user_id, question and answer.")
+    out = [dict(r) for r in rows]
+    if limit is not None and limit < len(out):
+        out = [out[i] for i in sorted(random.Random(seed).sample(range(len(out)), limit))]
+    return out
+
+
+def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, batch_size: int = 16,
+                    progress=None) -> dict:
+    """Accuracy per condition (and per kind), index recall@1 / @k, mean prompt tokens per condition."""
+    import torch
+
+    model, tokenizer = assistant.model, assistant.tokenizer
+    slot = model.recall_config.recall_token
+    questions = [p["question"] for p in probes]
+    users = [str(p["user_id"]) for p in probes]
+    say = progress or (lambda message: None)
+    hits = assistant.retrieve(questions, users)
+    conditions: dict[str, tuple[list[list[int]], list, contextlib.AbstractContextManager]] = {}
+    vectors = [torch.from_numpy(assistant.index.vectors([row for _, row in h])) for h in hits]
+    conditions["recall"] = (ask_prompts(tokenizer, questions, [len(h) for h in hits], slot), vectors,
+                            contextlib.nullcontext)
+    empty = [torch.zeros(0, model.recall_config.vector_dim)] * len(probes)
+    conditions["no_memory"] = (ask_prompts(tokenizer, questions, None, slot), empty, contextlib.nullcontext)
+    conditions["base_no_memory"] = (conditions["no_memory"][0], empty, model.model.disable_adapter)
+    with_text = [i for i, p in enumerate(probes) if p.get("memory")]
+    if with_text:
+        texts = [[probes[i]["memory"]] for i in with_text]
+        prompts = ask_prompts(tokenizer, [questions[i] for i in with_text], texts, slot)
+        conditions["gold_text"] = (prompts, [empty[0]] * len(with_text), contextlib.nullcontext)
+        conditions["base_gold_text"] = (prompts, [empty[0]] * len(with_text), model.model.disable_adapter)
+    answers: dict[str, list[str]] = {}
+    for name, (prompts, vecs, context) in conditions.items():
+        say(f"answering {len(prompts)} questions: {name}")
+        with context():
+            answers[name] = generate_with_memories(model, tokenizer, prompts, vecs, max_new_tokens=max_new_tokens,
+                                                   batch_size=batch_size)
+    rows_of = {name: (with_text if "gold_text" in name else list(range(len(probes)))) for name in conditions}
+    kinds = sorted({str(p.get("kind")) for p in probes if p.get("kind") is not None})
+    results: dict = {"probes": len(probes), "top_k": assistant.top_k, "conditions": {}}
+    for name, rows in rows_of.items():
+        right = [answer_correct(a, str(probes[i]["answer"])) for i, a in zip(rows, answers[name])]
+        entry = {"accuracy": sum(right) / max(1, len(right)), "rows": len(rows),
+                 "prompt_tokens": sum(map(len, conditions[name][0])) / max(1, len(rows)),
+                 "memory_tokens": (sum(len(hits[i]) for i in rows) / max(1, len(rows)) if name == "recall" else
+                                   None)}
+        for kind in kinds:
+            mine = [r for r, i in zip(right, rows) if str(probes[i].get("kind")) == kind]
+            if mine:
+                entry[f"accuracy_{kind}"] = sum(mine) / len(mine)
+        results["conditions"][name] = entry
+    if with_text:
+        paste = [len(tokenizer(probes[i]["memory"], add_special_tokens=False)["input_ids"]) for i in with_text]
+        for name in ("gold_text", "base_gold_text"):
+            results["conditions"][name]["memory_tokens"] = sum(paste) / len(paste)
+    # Index recall@k: a retrieved entry holds the gold memory text, or (entries written by an extractor) the answer.
+    known = [i for i, p in enumerate(probes) if normalise(str(p["answer"])) != "unknown"]
+    for k in sorted({1, assistant.top_k}):
+        found = 0
+        for i in known:
+            texts = [normalise(assistant.index.entries[row]["text"]) for _, row in hits[i][:k]]
+            gold = normalise(probes[i].get("memory") or "")
+            answer = normalise(str(probes[i]["answer"]))
+            found += any(t == gold or f" {answer} " in f" {t} " for t in texts)
+        results[f"index_recall@{k}"] = found / max(1, len(known))
+    results["examples"] = [{"user_id": users[i], "question": questions[i], "answer": probes[i]["answer"],
+                            "recall": answers["recall"][i], "memories": [assistant.index.entries[r]["text"]
+                                                                         for _, r in hits[i]]}
+                           for i in range(min(5, len(probes)))]
+    return results
+
+
+def probes_markdown(results: dict, source: str) -> str:
+    names = {"recall": "recall model, one <recall> slot per retrieved memory",
+             "no_memory": "recall model, no memory", "base_no_memory": "base model, no memory",
+             "gold_text": "recall model, gold memory text in the prompt",
+             "base_gold_text": "base model, gold memory text in the prompt"}
+    kinds = sorted({k[len("accuracy_"):] for c in results["conditions"].values() for k in c if
+                    k.startswith("accuracy_")})
+    lines = [f"Recall-memory probes: {results['probes']} questions from `{source}` (top_k {results['top_k']})", "",
+             "| condition | accuracy | " + " | ".join(kinds) + (" | " if kinds else "") + "memory tokens | "
+             "prompt tokens |",
+             "|---|---|" + "---|" * len(kinds) + "---|---|"]
+    for name, c in results["conditions"].items():
+        per_kind = " | ".join(f"{c[f'accuracy_{k}']:.3f}" if f"accuracy_{k}" in c else "" for k in kinds)
+        memory = f"{c['memory_tokens']:.1f}" if c.get("memory_tokens") is not None else "0"
+        lines.append(f"| {names[name]} | {c['accuracy']:.3f} | " + per_kind + (" | " if kinds else "")
+                     + f"{memory} | {c['prompt_tokens']:.1f} |")
+    lines += ["", " ".join(f"index recall@{k[len('index_recall@'):]}: {v:.3f}" for k, v in results.items()
+                           if k.startswith("index_recall@")), ""]
+    return "\n".join(lines)

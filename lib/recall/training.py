@@ -1,0 +1,73 @@
+"""One training run of a recall model on a set of entries, and the rows it trains on (used by the final run and by
+every cross-validation fold)."""
+
+from __future__ import annotations
+
+import random
+
+import datasets
+import torch
+
+from lib.core.data import load_rows
+from lib.core.errors import DataError
+from lib.recall.data import RecallCollator, qa_row, recall_row, sft_row
+from lib.recall.evaluation import normalise
+
+
+def load_qa_rows(path: str, limit: int | None = None, seed: int = 0) -> list[dict]:
+    rows = load_rows(path)
+    missing = {"user_id", "question", "answer"} - set(rows.column_names)
+    if missing:
+        raise DataError(f"{path} lacks field(s) {sorted(missing)}; question rows need user_id, question and answer.")
+    out = [dict(r) for r in rows]
+    if limit is not None and limit < len(out):
+        out = [out[i] for i in sorted(random.Random(seed).sample(range(len(out)), limit))]
+    return out
+
+
+def qa_slots(questions: list[dict], hits: list[list[tuple[float, int]]], entries: list[dict]) -> list[list[int]]:
+    """The entry rows each training question reads: its retrieved rows, with its gold entry (``memory`` equal to an
+    entry text of the same user) put in place of the last one when retrieval missed it, so the model learns to
+    read the right memory rather than to guess."""
+    by_text = {(e["user_id"], normalise(e["text"])): i for i, e in enumerate(entries)}
+    slots = []
+    for question, rows in zip(questions, hits):
+        rows = [r for _, r in rows]
+        gold = by_text.get((str(question["user_id"]), normalise(question.get("memory") or "")))
+        if gold is not None and gold not in rows and rows:
+            rows[-1] = gold
+        slots.append(rows)
+    return slots
+
+
+def build_rows(tokenizer, entries: list[dict], entry_rows: list[int], questions: list[dict],
+               slots: list[list[int]], sft: list[list[dict]], *, sft_mix_ratio: float, max_length: int,
+               slot: str, seed: int) -> datasets.Dataset:
+    """Recall rows for ``entry_rows``, QA rows for questions with slots, and instruction rows at the mix ratio."""
+    rows = [recall_row(tokenizer, i, entries[i]["text"], slot, max_length=max_length) for i in entry_rows]
+    for question, memory_ids in zip(questions, slots):
+        if memory_ids:
+            rows.append(qa_row(tokenizer, question["question"], str(question["answer"]), memory_ids, slot,
+                               max_length=max_length))
+    if sft and sft_mix_ratio > 0:
+        rng = random.Random(seed)
+        want = round(len(rows) * sft_mix_ratio)
+        for messages in (rng.choice(sft) for _ in range(want)):
+            row = sft_row(tokenizer, messages, max_length=max_length)
+            if row is not None:
+                rows.append(row)
+    return datasets.Dataset.from_list(rows)
+
+
+def train_recall(model, tokenizer, train_ds, vectors: torch.Tensor, args, *, save_files=None, resume=None,
+                 callbacks=()):
+    """Train ``model`` (a RecallModel) on ``train_ds``; returns the trainer."""
+    from lib.recall.trainer import RecallTrainer
+
+    trainer = RecallTrainer(model=model, args=args, train_dataset=train_ds,
+                            data_collator=RecallCollator(vectors, tokenizer.pad_token_id), processing_class=tokenizer,
+                            save_files=save_files)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer

@@ -1,0 +1,303 @@
+"""Recall memory: extraction parsing and merging, the log state and lock, the <recall> model (token row, slots,
+save/load), and the whole pipeline on a tiny model (incremental rerun, crash safety, users kept apart)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lib.core.errors import DataError, UserError
+from lib.recall import extraction
+from lib.recall.logs import (
+    conversation_hash,
+    new_or_changed,
+    read_conversations,
+    run_lock,
+)
+from tests.conftest import ROOT, write_jsonl
+
+TINY = "builtin:tiny-llama"
+
+
+# ---- extraction: parsing, grounding, duplicates and contradictions ------------------------------------------
+
+@pytest.mark.parametrize("generated, message, expected", [
+    ("The user lives in Drepe.\nmore", "There's a cafe in Drepe, where I live", "The user lives in Drepe."),
+    ("The user drives a Rulubror", "I drive a Rulubror, it's old", "The user drives a Rulubror."),
+    ("NONE", "how are you?", None),
+    ("The user lives in Milford.", "ikr urs is too", None),          # copied from an example: not in the message
+    ("The user is a human.", "How are you?", None),                  # invented
+    ("I think the user is nice", "you are nice", None),              # not an entry
+    ("The user has a cat allergy.", "my allergy to cats is acting up", "The user has a cat allergy."),
+])
+def test_an_entry_is_kept_only_when_it_is_a_fact_grounded_in_its_message(generated, message, expected):
+    assert extraction.parse_entry(generated, message) == expected
+
+
+def test_without_the_grounding_check_invented_entries_pass():
+    assert extraction.parse_entry("The user is a human.", "How are you?", check_grounding=False) == \
+        "The user is a human."
+
+
+def entry(user, text, ts, cid="c0"):
+    return {"user_id": user, "text": text, "timestamp": ts, "conversation_id": cid}
+
+
+def test_a_later_contradicting_entry_replaces_the_earlier_and_duplicates_are_dropped():
+    old = [entry("u1", "The user lives in Brovik.", "2025-01-01"), entry("u1", "The user's sister is called Ana.",
+                                                                          "2025-01-01"),
+           entry("u2", "The user lives in Brovik.", "2025-01-01")]
+    new = [entry("u1", "The user lives in Talmor.", "2025-03-01", "c1"),
+           entry("u1", "the user's sister is called Ana", "2025-03-01", "c1"),       # duplicate (normalised)
+           entry("u1", "The user's partner is called Bo.", "2025-03-01", "c1")]      # differs early: no conflict
+    kept, replaced = extraction.merge_entries(old, new)
+    texts = {(e["user_id"], e["text"]) for e in kept}
+    assert ("u1", "The user lives in Talmor.") in texts and ("u1", "The user lives in Brovik.") not in texts
+    assert ("u2", "The user lives in Brovik.") in texts          # another user's memory is never touched
+    assert ("u1", "The user's partner is called Bo.") in texts and len(kept) == 4
+    assert [(r["text"], r["replaced_by"]) for r in replaced] == [("The user lives in Brovik.",
+                                                                 "The user lives in Talmor.")]
+    # Entries of a re-read conversation leave before its new entries come in.
+    kept, _ = extraction.merge_entries(kept, [], dropped_conversations={"c1"})
+    assert {e["text"] for e in kept if e["user_id"] == "u1"} == {"The user's sister is called Ana."}
+
+
+# ---- logs: state and lock ---------------------------------------------------------------------------------
+
+def conversation(cid, user, text, ts="2025-01-01T10:00:00Z"):
+    return {"conversation_id": cid, "user_id": user, "timestamp": ts,
+            "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "Got it."}]}
+
+
+def test_only_new_or_changed_conversations_are_read_again(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    write_jsonl(logs / "a.jsonl", [conversation("c1", "u1", "I live in Brovik"), conversation("c2", "u2", "hi")])
+    convs = read_conversations(str(logs))
+    state = {"conversations": {c["conversation_id"]: conversation_hash(c) for c in convs}}
+    assert new_or_changed(convs, state) == []
+    write_jsonl(logs / "b.jsonl", [conversation("c3", "u1", "my dog Rex"), conversation("c2", "u2", "hi there")])
+    assert sorted(c["conversation_id"] for c in new_or_changed(read_conversations(str(logs)), state)) == ["c2", "c3"]
+
+
+def test_bad_logs_are_one_sentence(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"conversation_id": "c1", "user_id": "u1", "messages": []}])
+    with pytest.raises(DataError, match="no 'timestamp' field"):
+        read_conversations(path)
+    path = write_jsonl(tmp_path / "bad2.jsonl", [{**conversation("c1", "", "hi")}])
+    with pytest.raises(DataError, match="row 0: 'user_id' is empty"):
+        read_conversations(path)
+    with pytest.raises(DataError, match="does not exist"):
+        read_conversations(str(tmp_path / "nothing"))
+
+
+def test_a_second_run_at_once_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    out = str(tmp_path / "out")
+    with run_lock(out) as path:
+        child = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
+                                "from lib.recall.logs import run_lock\nwith run_lock(sys.argv[2]): pass", ROOT, out],
+                               capture_output=True, text=True)
+        assert child.returncode != 0 and "Another recall-memory run" in child.stderr
+    assert not os.path.exists(path)
+    with open(path, "w") as f:
+        f.write("999999999")  # a process that no longer exists
+    with run_lock(out):
+        assert open(path).read() == str(os.getpid())
+
+
+# ---- the <recall> model ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from lib.models.loading import load_model, load_tokenizer
+
+    return load_model(TINY), load_tokenizer(TINY)
+
+
+def test_recall_token_row_starts_at_the_mean_and_slots_read_the_projected_vectors(tiny):
+    import copy
+
+    from lib.recall.model import RecallConfig, build_recall_model
+
+    base, tokenizer = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    mean = base.get_input_embeddings().weight.mean(0).clone()
+    cfg = RecallConfig(base_model=TINY, vector_dim=8, hidden_size=base.config.hidden_size)
+    model = build_recall_model(base, tokenizer, cfg)
+    rid = model.recall_token_id
+    assert tokenizer.convert_ids_to_tokens(rid) == "<recall>"
+    row = model.model.get_input_embeddings()(torch.tensor([[rid]]))[0, 0]
+    torch.testing.assert_close(row, mean)
+    # Only LoRA, the token row and the projector train.
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "trainable_tokens" in n or n.startswith("projector.") for n in trainable)
+    assert any("trainable_tokens" in n for n in trainable)
+    ids = torch.tensor([[5, rid, 6, rid], [rid, 7, 8, 9]])
+    vectors = torch.randn(2, 2, 8)
+    embeds = model.embed(ids, vectors)
+    plain = model.model.get_input_embeddings()(ids)
+    proj = model.projector(vectors)
+    torch.testing.assert_close(embeds[0, 1], plain[0, 1] + proj[0, 0])
+    torch.testing.assert_close(embeds[0, 3], plain[0, 3] + proj[0, 1])
+    torch.testing.assert_close(embeds[1, 0], plain[1, 0] + proj[1, 0])
+    torch.testing.assert_close(embeds[:, 2], plain[:, 2])
+    with pytest.raises(UserError, match="one vector per slot"):
+        model.embed(ids, vectors[:, :1])
+
+
+# ---- the whole pipeline on a tiny model -----------------------------------------------------------------
+
+def run_recall(_, out, *extra):
+    from train_memory import main
+
+    return main(["--memory_type", "recall", "--model_name_or_path", TINY, "--output_dir", str(out),
+                 "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--extraction_max_new_tokens", "8",
+                 "--logging_steps", "50", "--seed", "0", *extra])
+
+
+@pytest.fixture(scope="module")
+def chats_dir(tmp_path_factory):
+    from lib.recall import chats
+
+    out = tmp_path_factory.mktemp("chats")
+    chats.build(str(out), users_count=5, seed=1)
+    return out
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, chats_dir):
+    """One recall run on the tiny model with the generator's entries (the tiny random model extracts nothing)."""
+    out = tmp_path_factory.mktemp("recall") / "out"
+    summary = run_recall(None, out, "--memories_file", str(chats_dir / "facts.jsonl"),
+                         "--qa_file", str(chats_dir / "questions_train.jsonl"), "--k_folds", "2",
+                         "--sft_file", str(chats_dir / "general_chat.jsonl"))
+    return out, summary
+
+
+def test_pipeline_saves_every_part_and_answers_from_the_users_own_memories(trained, chats_dir):
+    from lib.recall.answer import RecallAssistant
+
+    out, summary = trained
+    facts = [f for f in read(chats_dir / "facts.jsonl") if f["current"]]
+    assert summary["counts"]["entries"] == len(facts) and summary["index"] == "exact"
+    assert summary["counts"]["train_rows"] > summary["counts"]["entries"]  # questions and instruction rows too
+    assert summary["k_fold"]["exact_match_std"] >= 0 and len(summary["k_fold"]["folds"]) == 2
+    assert sum(f["held_out_entries"] for f in summary["k_fold"]["folds"]) == len(facts)
+    for name in ("adapter_model.safetensors", "projector.safetensors", "recall_config.json", "memories.faiss",
+                 "memories.jsonl", "state.json", "summary.json", "README.md", "tokenizer.json"):
+        assert (out / name).exists(), name
+    assert not any(p.name.startswith(("checkpoint-", "fold-")) for p in out.iterdir())
+    assert not (out.parent / "out.staging").exists() and not (out.parent / "out.lock").exists()
+    # The adapter holds the <recall> row, not a copy of the whole embedding matrix.
+    assert os.path.getsize(out / "adapter_model.safetensors") < 5e6
+    assistant = RecallAssistant(str(out))
+    assert "<recall>" in assistant.tokenizer.get_vocab()
+    for user in ("u0000", "u0004"):
+        result = assistant.answer("What is my dog called?", user_id=user, max_new_tokens=4)
+        mine = {e["text"] for e in read(out / "memories.jsonl") if e["user_id"] == user}
+        assert len(result["memories"]) == 3 and {text for _, text in result["memories"]} <= mine
+
+
+def test_saved_model_reloads_with_the_same_outputs(trained):
+    from lib.recall.model import load_recall_model
+
+    out, _ = trained
+    first, tokenizer = load_recall_model(str(out))
+    again, _ = load_recall_model(str(out))
+    ids = torch.tensor([[tokenizer.convert_tokens_to_ids("<recall>"), 5, 6]])
+    vectors = torch.randn(1, 1, first.recall_config.vector_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(first(ids, memory_vectors=vectors).logits, again(ids, memory_vectors=vectors).logits)
+        # The trained parts changed the output (the <recall> row, projector and LoRA are not at their start).
+        base = first.model.get_base_model()
+        with first.model.disable_adapter():
+            plain = base(input_ids=ids[:, 1:]).logits
+        assert not torch.allclose(first(ids[:, 1:]).logits, plain)
+
+
+def test_answer_logits_equal_the_full_forward_at_the_answer_positions(trained):
+    from lib.recall.model import load_recall_model
+
+    out, _ = trained
+    model, tokenizer = load_recall_model(str(out))
+    ids = torch.tensor([[tokenizer.convert_tokens_to_ids("<recall>"), 5, 6, 7], [8, 9, 10, 11]])
+    at = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    vectors = torch.randn(2, 1, model.recall_config.vector_dim)
+    with torch.no_grad():
+        full = model(ids, memory_vectors=vectors).logits
+        torch.testing.assert_close(model(ids, memory_vectors=vectors, logits_at=at)["logits"], full[at])
+
+
+def test_evaluate_and_the_benchmark_measure_a_recall_model(trained, chats_dir, tmp_path):
+    import evaluate
+
+    out, _ = trained
+    probes = str(chats_dir / "questions_test.jsonl")
+    result = evaluate.main(["--recall_model", str(out), "--probe_file", probes, "--probe_limit", "6",
+                            "--max_new_tokens", "3", "--output_dir", str(tmp_path / "eval")])
+    conditions = result["probes"]["conditions"]
+    assert set(conditions) == {"recall", "no_memory", "base_no_memory", "gold_text", "base_gold_text"}
+    assert conditions["recall"]["memory_tokens"] == 3 and conditions["no_memory"]["memory_tokens"] is None
+    assert 0 <= result["probes"]["index_recall@1"] <= result["probes"]["index_recall@3"] <= 1
+    saved = json.load(open(tmp_path / "eval" / "results.json"))
+    assert saved["probes"]["probes"] == 6 and "recall model" in open(tmp_path / "eval" / "results.md").read()
+    with pytest.raises(UserError, match="--probe_file belongs to --recall_model"):
+        evaluate.main(["--model_name_or_path", TINY, "--probe_file", probes, "--output_dir", str(tmp_path / "e2")])
+
+    from benchmarks.bench_recall import main as bench
+
+    report = bench(["--recall_model", str(out), "--chats", str(chats_dir), "--limit", "4", "--max_new_tokens", "3",
+                    "--sizes", "3000"])
+    controls = report["reconstruction_trained"]["controls"]
+    assert set(controls) == {"zero", "shuffled", "random"}
+    assert report["index_speed"][0]["entries"] == 3000 and 0 <= report["index_speed"][0]["recall@10"] <= 1
+    assert "extraction" not in report  # the run was given its entries
+
+
+@pytest.fixture
+def parrot_extractor(monkeypatch):
+    """The tiny random model writes no entry; this extractor turns every message with "my" into one."""
+    def generate(model, tokenizer, prompts, **kwargs):
+        said = [tokenizer.decode(p).split("user\n")[-1].split("<|im_end|>")[0] for p in prompts]
+        return [f"The user said: {s}" if " my " in f" {s.lower()} " else "NONE" for s in said]
+
+    monkeypatch.setattr(extraction, "generate_texts", generate)
+
+
+def test_rerun_extracts_only_new_conversations_and_a_crash_keeps_the_previous_run(tmp_path, chats_dir, monkeypatch,
+                                                                                  parrot_extractor):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    conversations = read(chats_dir / "logs" / "conversations.jsonl")
+    write_jsonl(logs / "part1.jsonl", conversations[:-2])
+    out = tmp_path / "out"
+    first = run_recall(tmp_path, out, "--chat_logs", str(logs), "--check_grounding", "false")
+    assert first["counts"]["new_conversations"] == len(conversations) - 2
+    state = json.load(open(out / "state.json"))
+    assert len(state["conversations"]) == len(conversations) - 2
+    before = {name: open(out / name, "rb").read() for name in ("adapter_model.safetensors", "state.json")}
+
+    write_jsonl(logs / "part2.jsonl", conversations[-2:])
+    import lib.recall.training as training
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
+        patch.setattr(training, "train_recall", crash)
+        run_recall(tmp_path, out, "--chat_logs", str(logs), "--check_grounding", "false")
+    assert {name: open(out / name, "rb").read() for name in before} == before
+    assert not (tmp_path / "out.lock").exists()
+
+    second = run_recall(tmp_path, out, "--chat_logs", str(logs), "--check_grounding", "false")
+    assert second["counts"]["new_conversations"] == 2 and second["counts"]["conversations"] == len(conversations)
+    assert second["counts"]["messages_read"] == sum(m["role"] == "user" for c in conversations[-2:]
+                                                    for m in c["messages"])
+    assert len(json.load(open(out / "state.json"))["conversations"]) == len(conversations)
