@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--chats", default="data/chats", help="Folder written by python -m lib.recall.chats.")
     parser.add_argument("--limit", type=int, default=120, help="Test questions and entries measured (seeded).")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="Answers recite a memory first.")
     parser.add_argument("--sizes", default="100000,1000000", help="Index sizes timed (comma-separated; empty: none).")
     parser.add_argument("--index_only", action="store_true", help="Only the index timing.")
     parser.add_argument("--seed", type=int, default=0)

@@ -65,6 +65,25 @@ def test_a_later_contradicting_entry_replaces_the_earlier_and_duplicates_are_dro
     assert {e["text"] for e in kept if e["user_id"] == "u1"} == {"The user's sister is called Ana."}
 
 
+def test_training_questions_read_their_gold_memory_and_recite_it_before_answering():
+    from lib.recall.data import final_answer, recited_answer
+    from lib.recall.training import qa_slots
+
+    entries = [entry("u1", "The user's dog is called Rex.", "t"), entry("u1", "The user lives in Brovik.", "t"),
+               entry("u1", "The user plays chess.", "t"), entry("u2", "The user's dog is called Bo.", "t")]
+    questions = [{"user_id": "u1", "question": "What is my dog called?", "answer": "Rex",
+                  "memory": "The user's dog is called Rex."},
+                 {"user_id": "u1", "question": "Where do I live?", "answer": "Brovik"},       # no gold text given
+                 {"user_id": "u1", "question": "What car do I drive?", "answer": "unknown"}]
+    hits = [[(0.9, 1), (0.8, 2)], [(0.9, 1), (0.5, 0)], [(0.7, 2), (0.6, 0)]]
+    slots, recited = qa_slots(questions, hits, entries)
+    assert slots == [[1, 0], [1, 0], [2, 0]]  # retrieval missed the gold entry: it takes the last slot
+    assert recited == ["The user's dog is called Rex.", "The user lives in Brovik.", None]
+    target = recited_answer(recited[0], "Rex")
+    assert target == "The user's dog is called Rex.\nAnswer: Rex" and final_answer(target) == "Rex"
+    assert final_answer(recited_answer(None, "unknown")) == "unknown" and final_answer(" Rex ") == "Rex"
+
+
 # ---- logs: state and lock ---------------------------------------------------------------------------------
 
 def conversation(cid, user, text, ts="2025-01-01T10:00:00Z"):

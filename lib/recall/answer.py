@@ -2,7 +2,8 @@
 
     from lib.recall.answer import RecallAssistant
     assistant = RecallAssistant("outputs/recall")
-    assistant.answer("What is my dog called?", user_id="u0042")   # {"answer", "memories": [(cosine, text), ...]}
+    assistant.answer("What is my dog called?", user_id="u0042")
+    # {"answer": "Rex", "said": "The user's dog is called Rex.\nAnswer: Rex", "memories": [(cosine, text), ...]}
 
     python -m lib.recall.ask outputs/recall --user_id u0042 "What is my dog called?"
 """
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-from lib.recall.data import as_user_question
+from lib.recall.data import as_user_question, final_answer
 from lib.recall.evaluation import ask_prompts, generate_with_memories
 from lib.recall.index import MemoryIndex
 from lib.recall.model import load_recall_model
@@ -51,7 +52,8 @@ class RecallAssistant:
         vectors = [torch.from_numpy(self.index.vectors([row for _, row in h])) for h in hits]
         answers = generate_with_memories(self.model, self.tokenizer, prompts, vectors, max_new_tokens=max_new_tokens,
                                          batch_size=batch_size)
-        return [{"answer": a, "memories": [(round(s, 4), self.index.entries[row]["text"]) for s, row in h]}
+        return [{"answer": final_answer(a), "said": a,
+                 "memories": [(round(s, 4), self.index.entries[row]["text"]) for s, row in h]}
                 for a, h in zip(answers, hits)]
 
     def answer(self, question: str, user_id: str, **kwargs) -> dict:

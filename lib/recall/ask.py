@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--user_id", required=True, help="Whose memories to search (only theirs are read).")
     parser.add_argument("--top_k", type=int, default=None, help="Memories per question (default: the run's).")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="Longest answer in tokens.")
-    parser.add_argument("--show_memories", action="store_true", help="Also print the memories each answer used.")
+    parser.add_argument("--show_memories", action="store_true",
+                        help="Also print the whole answer and the memories it was given.")
     args = parser.parse_args(argv)
 
     from lib.recall.answer import RecallAssistant
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for question, result in zip(args.questions, results):
         print(f"Q: {question}\nA: {result['answer']}", flush=True)
         if args.show_memories:
+            print(f"   (said: {result['said']!r})", flush=True)
             for score, text in result["memories"]:
                 print(f"   recalled ({score:.3f}): {text}", flush=True)
     return results

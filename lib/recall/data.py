@@ -18,6 +18,10 @@ import torch
 from lib.core.data import PadCollator
 
 RECALL_PROMPT = "Repeat that memory word for word."
+# Answers recite the memory they come from, then answer: reading a slot is then what reconstruction trains, and the
+# answer is copied from the recited text (as recitation-augmented models do).
+RECITED_ANSWER = "{memory}\nAnswer: {answer}"
+NO_MEMORY = "I have no memory of that."
 MEMORY_SYSTEM = "What you remember about the user: {memories}"
 TASKS = {"recall": 0, "qa": 1, "sft": 2}
 
@@ -69,6 +73,17 @@ def recall_row(tokenizer, entry_id: int, text: str, slot: str, *, max_length: in
     messages = recall_messages(slot)
     return {**supervised_row(tokenizer, messages, text, max_length=max_length), "memory_ids": [entry_id],
             "task": TASKS["recall"]}
+
+
+def recited_answer(memory: str | None, answer: str) -> str:
+    """The training target of a question: the memory it is answered from (or that there is none), then the answer."""
+    return RECITED_ANSWER.format(memory=memory or NO_MEMORY, answer=answer)
+
+
+def final_answer(generated: str) -> str:
+    """The answer part of a recited answer (the whole text when it has none)."""
+    marker = "Answer:"
+    return generated.rsplit(marker, 1)[1].strip() if marker in generated else generated.strip()
 
 
 def qa_row(tokenizer, question: str, answer: str, memory_ids: list[int], slot: str, *, max_length: int = 192) -> dict:

@@ -21,8 +21,11 @@ def normalise(text: str) -> str:
 
 
 def answer_correct(generated: str, answer: str) -> bool:
-    """The gold answer is in the generated one (normalised); "unknown" also accepts "don't know" / "not know"."""
-    said = normalise(generated)
+    """The gold answer is in the generated one's answer part (after "Answer:" when the model recites a memory
+    first; normalised); "unknown" also accepts "don't know" / "not know"."""
+    from lib.recall.data import final_answer
+
+    said = normalise(final_answer(generated))
     if normalise(answer) == UNKNOWN:
         return UNKNOWN in said or "dont know" in said or "not know" in said
     return bool(normalise(answer)) and f" {normalise(answer)} " in f" {said} "

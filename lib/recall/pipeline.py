@@ -142,14 +142,14 @@ def run(argv=None) -> dict:
         say(f"index: {len(index)} entries ({index.kind}), {len(fresh)} embedded now")
 
         # ---- 3. rows: every entry (new ones, plus rehearsal of as many earlier ones when continuing) -------
-        questions, slots, sft = [], [], []
+        questions, slots, recited, sft = [], [], [], []
         if data_args.qa_file:
             from lib.recall.training import load_qa_rows, qa_slots
 
             questions = [q for q in load_qa_rows(data_args.qa_file, data_args.max_qa_rows, args.seed)
                          if str(q["user_id"]) in index.user_rows]
             hits = _retrieve(base, tokenizer, index, questions, recall_args)
-            slots = qa_slots(questions, hits, entries)
+            slots, recited = qa_slots(questions, hits, entries)
         if data_args.sft_file:
             from lib.core.data import check_messages, load_rows
 
@@ -165,16 +165,19 @@ def run(argv=None) -> dict:
             train_entries = sorted(fresh + rng.sample(rest, min(len(rest), max(len(fresh), 1))))
             keep = set(train_entries)
             chosen = [j for j, s in enumerate(slots) if any(r in keep for r in s)]
-            questions, slots = [questions[j] for j in chosen], [slots[j] for j in chosen]
+            questions, slots, recited = ([questions[j] for j in chosen], [slots[j] for j in chosen],
+                                         [recited[j] for j in chosen])
         recall_config = RecallConfig(base_model=model_args.model_name_or_path, vector_dim=vectors.shape[1],
                                      hidden_size=base.config.hidden_size, vector_layer=recall_args.vector_layer,
                                      vector_template=recall_args.vector_template, lora_r=recall_args.lora_r,
                                      lora_alpha=recall_args.lora_alpha)
         from lib.recall.training import build_rows, train_recall
 
-        def rows_for(entry_rows, qs, sl):
-            return build_rows(tokenizer, entries, entry_rows, qs, sl, sft, sft_mix_ratio=data_args.sft_mix_ratio,
-                              max_length=data_args.max_length, slot=recall_config.recall_token, seed=args.seed)
+        def rows_for(entry_rows, picked):
+            return build_rows(tokenizer, entries, entry_rows, [questions[j] for j in picked],
+                              [slots[j] for j in picked], [recited[j] for j in picked], sft,
+                              sft_mix_ratio=data_args.sft_mix_ratio, max_length=data_args.max_length,
+                              slot=recall_config.recall_token, seed=args.seed)
 
         # ---- 4. K-fold cross-validation over entries ------------------------------------------------------
         folds = []
@@ -187,14 +190,13 @@ def run(argv=None) -> dict:
             for k in range(recall_args.k_folds):
                 held = set(order[k::recall_args.k_folds])
                 keep = [i for i in order if i not in held]
-                qs = [(q, s) for q, s in zip(questions, slots) if not set(s) & held]
+                picked = [j for j, s in enumerate(slots) if not set(s) & held]
                 fold_args = copy.deepcopy(args)
                 fold_args.output_dir = os.path.join(staging, f"fold-{k}")
                 fold_args.save_strategy = "no"
                 fold_tokenizer = copy.deepcopy(tokenizer)
                 model = build_recall_model(copy.deepcopy(base), fold_tokenizer, recall_config)
-                train_recall(model, fold_tokenizer, rows_for(sorted(keep), [q for q, _ in qs], [s for _, s in qs]),
-                             table, fold_args)
+                train_recall(model, fold_tokenizer, rows_for(sorted(keep), picked), table, fold_args)
                 held_rows = sorted(held)
                 result = reconstruction(model.eval(), fold_tokenizer, [entries[i]["text"] for i in held_rows],
                                         table[held_rows], controls=False)
@@ -210,7 +212,7 @@ def run(argv=None) -> dict:
             model, tokenizer = load_recall_model(out, model_args=model_args, trainable=True)
         else:
             model = build_recall_model(base, tokenizer, recall_config)
-        train_ds = rows_for(train_entries, questions, slots)
+        train_ds = rows_for(train_entries, range(len(questions)))
         say(f"training rows: {len(train_ds)} ({len(train_entries)} entries, {len(questions)} questions, "
             f"instruction mix {data_args.sft_mix_ratio})" + (" — continuing the previous model" if continuing else ""))
 

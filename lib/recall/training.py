@@ -10,8 +10,8 @@ import torch
 
 from lib.core.data import load_rows
 from lib.core.errors import DataError
-from lib.recall.data import RecallCollator, qa_row, recall_row, sft_row
-from lib.recall.evaluation import normalise
+from lib.recall.data import RecallCollator, qa_row, recall_row, recited_answer, sft_row
+from lib.recall.evaluation import UNKNOWN, normalise
 
 
 def load_qa_rows(path: str, limit: int | None = None, seed: int = 0) -> list[dict]:
@@ -25,29 +25,39 @@ def load_qa_rows(path: str, limit: int | None = None, seed: int = 0) -> list[dic
     return out
 
 
-def qa_slots(questions: list[dict], hits: list[list[tuple[float, int]]], entries: list[dict]) -> list[list[int]]:
-    """The entry rows each training question reads: its retrieved rows, with its gold entry (``memory`` equal to an
-    entry text of the same user) put in place of the last one when retrieval missed it, so the model learns to
-    read the right memory rather than to guess."""
+def qa_slots(questions: list[dict], hits: list[list[tuple[float, int]]], entries: list[dict]
+             ) -> tuple[list[list[int]], list[str | None]]:
+    """The entry rows each training question reads, and the entry text its answer recites.
+
+    The rows are the retrieved ones, with the gold entry (``memory`` equal to an entry text of the same user) put
+    in place of the last one when retrieval missed it, so the model learns to read the right memory rather than to
+    guess. The recited entry is the gold one, else the first slot whose text holds the answer; None (nothing to
+    recite: the answer is "I have no memory of that", then "unknown") when no slot holds it."""
     by_text = {(e["user_id"], normalise(e["text"])): i for i, e in enumerate(entries)}
-    slots = []
+    slots, recited = [], []
     for question, rows in zip(questions, hits):
         rows = [r for _, r in rows]
         gold = by_text.get((str(question["user_id"]), normalise(question.get("memory") or "")))
         if gold is not None and gold not in rows and rows:
             rows[-1] = gold
+        answer = normalise(str(question["answer"]))
+        holding = [r for r in rows if answer and f" {answer} " in f" {normalise(entries[r]['text'])} "]
+        source = gold if gold is not None else (holding[0] if holding else None)
         slots.append(rows)
-    return slots
+        recited.append(entries[source]["text"] if source is not None else None)
+    return slots, recited
 
 
 def build_rows(tokenizer, entries: list[dict], entry_rows: list[int], questions: list[dict],
-               slots: list[list[int]], sft: list[list[dict]], *, sft_mix_ratio: float, max_length: int,
-               slot: str, seed: int) -> datasets.Dataset:
-    """Recall rows for ``entry_rows``, QA rows for questions with slots, and instruction rows at the mix ratio."""
+               slots: list[list[int]], recited: list[str | None], sft: list[list[dict]], *, sft_mix_ratio: float,
+               max_length: int, slot: str, seed: int) -> datasets.Dataset:
+    """Recall rows for ``entry_rows``, QA rows (recite, then answer) for questions with slots, and instruction rows
+    at the mix ratio."""
     rows = [recall_row(tokenizer, i, entries[i]["text"], slot, max_length=max_length) for i in entry_rows]
-    for question, memory_ids in zip(questions, slots):
+    for question, memory_ids, memory in zip(questions, slots, recited):
         if memory_ids:
-            rows.append(qa_row(tokenizer, question["question"], str(question["answer"]), memory_ids, slot,
+            answer = str(question["answer"]) if memory is not None else UNKNOWN
+            rows.append(qa_row(tokenizer, question["question"], recited_answer(memory, answer), memory_ids, slot,
                                max_length=max_length))
     if sft and sft_mix_ratio > 0:
         rng = random.Random(seed)
