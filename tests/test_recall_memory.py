@@ -37,6 +37,24 @@ def test_an_entry_is_kept_only_when_it_is_a_fact_grounded_in_its_message(generat
     assert extraction.parse_entry(generated, message) == expected
 
 
+def test_extraction_prompts_read_once_their_shared_examples_and_generate_the_same(tiny):
+    model, tokenizer = tiny
+    messages = ["my dog Rex is loud", "the weather is nice today, right?", "I live in Brovik, a small town"]
+    prompts = [extraction.extraction_prompt(tokenizer, m) for m in messages]
+    prefix = extraction.shared_prefix(tokenizer)
+    assert all(p[:len(prefix)] == prefix for p in prompts)
+    read = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: read.append(args[0].shape[1]))
+    try:
+        cached = extraction.generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, prefix=prefix)
+    finally:
+        hook.remove()
+    plain = extraction.generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    assert cached == plain and any(cached)
+    # The examples were read once; each batch then read only its own tokens.
+    assert read[0] == len(prefix) and max(read[1:]) < len(prefix) and read.count(len(prefix)) == 1
+
+
 def test_without_the_grounding_check_invented_entries_pass():
     assert extraction.parse_entry("The user is a human.", "How are you?", check_grounding=False) == \
         "The user is a human."

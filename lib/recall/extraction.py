@@ -112,7 +112,7 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
             rows.batch_repeat_interleave(len(chunk))
             ids = torch.cat([torch.tensor([prefix] * len(chunk)), ids], 1)
             mask = torch.cat([torch.ones(len(chunk), cut, dtype=mask.dtype), mask], 1)
-            kwargs["past_key_values"] = rows
+            kwargs["cache"] = rows
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id, stop_strings=["\n"], tokenizer=tokenizer,
