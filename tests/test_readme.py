@@ -72,7 +72,9 @@ def adapt(argv: list[str]) -> list[str]:
     elif script == "select_data.py":
         argv += ["--max_samples", "24", "--disable_tqdm"]
     elif script == "evaluate.py" and "--recall_model" in argv:
-        argv += ["--probe_limit", "4", "--max_new_tokens", "3"]
+        argv += ["--max_new_tokens", "3"] + (["--probe_limit", "4"] if "--probe_file" in argv else [])
+        if "--limit" in argv:
+            argv[argv.index("--limit") + 1] = "2"
     elif script == "evaluate.py" and "--memory_model" in argv:
         argv[argv.index("--qa_limit") + 1] = "4"
         argv += ["--max_new_tokens", "3"]

@@ -108,6 +108,9 @@ class RecallModel(nn.Module):
         slots = input_ids == self.recall_token_id
         count = slots.sum(1)
         if not bool(slots.any()):
+            if self.training:  # keep the projector in the graph: DDP expects a gradient for it from every process
+                dummy = torch.zeros(1, self.recall_config.vector_dim, device=embeds.device)
+                embeds = embeds + 0.0 * self.projector(dummy).sum().to(embeds.dtype)
             return embeds
         if memory_vectors is None or memory_vectors.shape[1] < int(count.max()):
             raise UserError(f"A row has {int(count.max())} {self.recall_config.recall_token} tokens but "
