@@ -195,12 +195,6 @@ def test_zero2_two_processes(tmp_path):
     assert json.load(open(tmp_path / "z2" / "trainer_state.json"))["global_step"] == 6
 
 
-def test_help():
-    proc = subprocess.run([sys.executable, "pretrain_encoder.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and "--tools_file" in proc.stdout
-
-
 def test_example_tool_set_is_valid_and_its_query_files_are_current():
     from lib.tools.data import load_tool_queries
 

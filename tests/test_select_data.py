@@ -294,12 +294,6 @@ def test_bad_inputs_give_one_sentence(tmp_path, pool, capsys):
         select(tmp_path, ckpt, os.path.join(scored, "scored.jsonl"), out="again")
 
 
-def test_help_is_fast_and_complete():
-    proc = subprocess.run([sys.executable, "select_data.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and "--select_ratio" in proc.stdout and "--score" in proc.stdout
-
-
 @pytest.mark.distributed
 @pytest.mark.xdist_group("launchers")
 def test_torchrun_two_processes_equal_one(tmp_path, pool):

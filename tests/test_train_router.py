@@ -138,7 +138,7 @@ def test_cli_prints_one_line_for_user_errors(tmp_path, pool_files):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["train_router.py", "benchmarks/bench_router.py", "-m lib.selection.pools"])
+@pytest.mark.parametrize("script", ["benchmarks/bench_router.py", "-m lib.selection.pools"])  # scripts: test_help.py
 def test_help_is_fast_and_complete(script):
     proc = subprocess.run([sys.executable, *script.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)

@@ -39,7 +39,7 @@ class MemoryModelArguments:
     init_from: str | None = field(default=None, metadata={"help": "Output folder of the previous stage: its memory "
                                                                   "parts and settings are the starting point."})
     query_layer: int | None = field(default=None, metadata={"help": "Layer whose hidden states query the gate "
-                                                                    "(default: ~40% of the depth)."})
+                                                                    "(default: two fifths of the way up)."})
     fusion_layers: str | None = field(default=None, metadata={"help": "Comma-separated layers that read the "
                                                                       "retrieved entries (default: every layer from "
                                                                       "the query layer up)."})
