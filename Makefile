@@ -68,12 +68,13 @@ demo-memory: setup
 clean:
 	rm -rf outputs data .pytest_cache
 
-# Recall memory: 40 users' chat logs, entries extracted by the base model, the recipe's training, then three
-# questions of a test user (u0034: a fact, a fact that changed later, and one never told).
+# Recall memory: 20 users' chat logs (data/chats_demo), entries extracted by the base model, the recipe's training
+# on them, then three questions of a test user (u0016: a fact, a fact that changed later, and one never told).
 DEMO_RECALL := outputs/recall_demo
 demo-recall: setup
-	$(BIN)/python -m lib.recall.chats --output_dir data/chats --users 40
+	$(BIN)/python -m lib.recall.chats --output_dir data/chats_demo --users 20
 	$(BIN)/python train_memory.py recipes/recall/train_recall_smollm2.yaml --overwrite_output_dir \
-		--output_dir $(DEMO_RECALL)
-	$(BIN)/python -m lib.recall.ask $(DEMO_RECALL) --user_id u0034 --show_memories \
-		"What is my dog called?" "What do I do for a living?" "Which sport do I play?"
+		--chat_logs data/chats_demo/logs --qa_file data/chats_demo/questions_train.jsonl --max_qa_rows 150 \
+		--sft_file data/chats_demo/general_chat.jsonl --output_dir $(DEMO_RECALL)
+	$(BIN)/python -m lib.recall.ask $(DEMO_RECALL) --user_id u0016 --show_memories \
+		"What is my dog called?" "Which company do I work for?" "What car do I drive?"

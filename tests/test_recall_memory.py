@@ -70,17 +70,20 @@ def test_a_later_contradicting_entry_replaces_the_earlier_and_duplicates_are_dro
            entry("u2", "The user lives in Brovik.", "2025-01-01")]
     new = [entry("u1", "The user lives in Talmor.", "2025-03-01", "c1"),
            entry("u1", "the user's sister is called Ana", "2025-03-01", "c1"),       # duplicate (normalised)
-           entry("u1", "The user's partner is called Bo.", "2025-03-01", "c1")]      # differs early: no conflict
+           entry("u1", "The user's partner is called Bo.", "2025-03-01", "c1"),      # differs early: no conflict
+           entry("u1", "The user is a potter.", "2025-03-01", "c1"), entry("u1", "The user is a nurse.", "2025-04-01",
+                                                                           "c2")]  # only "the user is a": both stay
     kept, replaced = extraction.merge_entries(old, new)
     texts = {(e["user_id"], e["text"]) for e in kept}
     assert ("u1", "The user lives in Talmor.") in texts and ("u1", "The user lives in Brovik.") not in texts
     assert ("u2", "The user lives in Brovik.") in texts          # another user's memory is never touched
-    assert ("u1", "The user's partner is called Bo.") in texts and len(kept) == 4
+    assert ("u1", "The user's partner is called Bo.") in texts and len(kept) == 6
     assert [(r["text"], r["replaced_by"]) for r in replaced] == [("The user lives in Brovik.",
                                                                  "The user lives in Talmor.")]
     # Entries of a re-read conversation leave before its new entries come in.
     kept, _ = extraction.merge_entries(kept, [], dropped_conversations={"c1"})
-    assert {e["text"] for e in kept if e["user_id"] == "u1"} == {"The user's sister is called Ana."}
+    assert {e["text"] for e in kept if e["user_id"] == "u1"} == {"The user's sister is called Ana.",
+                                                                 "The user is a nurse."}
 
 
 def test_training_questions_read_their_gold_memory_and_recite_it_before_answering():

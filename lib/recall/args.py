@@ -84,3 +84,6 @@ class RecallTrainingArguments(FrozenBackboneTrainingArguments):
     eval_strategy: str = field(default="no", metadata={"help": "Held-out reconstruction is measured after "
                                                                "training (summary.json)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep memory_ids and task in batches."})
+    group_by_length: bool = field(default=True, metadata={
+        "help": "Batch rows of similar length together: instruction rows are several times longer than memory rows, "
+                "and one in a batch pads every other row to its length."})

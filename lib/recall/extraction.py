@@ -147,16 +147,22 @@ def _key(text: str) -> tuple[str, ...]:
     return tuple(words(text))
 
 
+GENERIC_WORDS = {"the", "user", "user's", "users", "is", "was", "a", "an", "has", "have", "had", "their"}
+
+
 def contradicts(earlier: str, later: str, min_shared: int = 4) -> bool:
-    """The two entries say the same thing about a different value: equal first ``min_shared`` or more words, then
-    different last words ("The user lives in Brovik." / "The user lives in Talmor.")."""
+    """The two entries say the same thing about a different value: equal first ``min_shared`` or more words, one of
+    them saying what the fact is about (not only "the user is a"), then different last words ("The user lives in
+    Brovik." / "The user lives in Talmor."; "The user is a nurse." / "The user is a potter." may be a job and a
+    hobby, and both stay)."""
     a, b = _key(earlier), _key(later)
     if a == b:
         return False
     shared = 0
     while shared < min(len(a), len(b)) and a[shared] == b[shared]:
         shared += 1
-    return shared >= min_shared and shared < len(a) and shared < len(b)
+    about = any(word not in GENERIC_WORDS for word in a[:shared])
+    return shared >= min_shared and about and shared < len(a) and shared < len(b)
 
 
 def merge_entries(entries: list[dict], new: list[dict], dropped_conversations: set[str] = frozenset()
