@@ -74,7 +74,7 @@ DEMO_RECALL := outputs/recall_demo
 demo-recall: setup
 	$(BIN)/python -m lib.recall.chats --output_dir data/chats_demo --users 20
 	$(BIN)/python train_memory.py recipes/recall/train_recall_smollm2.yaml --overwrite_output_dir \
-		--chat_logs data/chats_demo/logs --qa_file data/chats_demo/questions_train.jsonl --max_qa_rows 150 \
-		--sft_file data/chats_demo/general_chat.jsonl --output_dir $(DEMO_RECALL)
+		--chat_logs data/chats_demo/logs --qa_file data/chats_demo/questions_train.jsonl --max_qa_rows 100 \
+		--sft_file data/chats_demo/general_chat.jsonl --num_train_epochs 5 --output_dir $(DEMO_RECALL)
 	$(BIN)/python -m lib.recall.ask $(DEMO_RECALL) --user_id u0016 --show_memories \
 		"What is my dog called?" "Which company do I work for?" "What car do I drive?"

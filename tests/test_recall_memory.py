@@ -304,11 +304,9 @@ def test_evaluate_and_the_benchmark_measure_a_recall_model(trained, chats_dir, t
 @pytest.fixture
 def parrot_extractor(monkeypatch):
     """The tiny random model writes no entry; this extractor turns every message with "my" into one."""
-    def generate(model, tokenizer, prompts, **kwargs):
-        said = [tokenizer.decode(p).split("user\n")[-1].split("<|im_end|>")[0] for p in prompts]
-        return [f"The user said: {s}" if " my " in f" {s.lower()} " else "NONE" for s in said]
+    from tests.recall_parrot import parrot
 
-    monkeypatch.setattr(extraction, "generate_texts", generate)
+    monkeypatch.setattr(extraction, "generate_texts", parrot)
 
 
 def test_rerun_extracts_only_new_conversations_and_a_crash_keeps_the_previous_run(tmp_path, chats_dir, monkeypatch,
@@ -341,3 +339,22 @@ def test_rerun_extracts_only_new_conversations_and_a_crash_keeps_the_previous_ru
     assert second["counts"]["messages_read"] == sum(m["role"] == "user" for c in conversations[-2:]
                                                     for m in c["messages"])
     assert len(json.load(open(out / "state.json"))["conversations"]) == len(conversations)
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("launchers")
+def test_torchrun_processes_share_extraction_and_keep_the_same_memories(tmp_path, chats_dir, parrot_extractor):
+    from tests.test_distributed import run_launcher
+
+    common = ["--memory_type", "recall", "--model_name_or_path", TINY, "--chat_logs",
+              str(chats_dir / "logs" / "conversations.jsonl"), "--check_grounding", "false", "--max_steps", "1",
+              "--per_device_train_batch_size", "4", "--extraction_max_new_tokens", "8", "--seed", "0"]
+    single = run_recall(None, tmp_path / "single", "--chat_logs", str(chats_dir / "logs" / "conversations.jsonl"),
+                        "--check_grounding", "false", "--max_steps", "1", "--per_device_train_batch_size", "4")
+    proc = run_launcher("torchrun", "tests/recall_parrot.py", [*common, "--output_dir", str(tmp_path / "multi")])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    multi = json.load(open(tmp_path / "multi" / "summary.json"))
+    assert multi["counts"]["messages_read"] == single["counts"]["messages_read"]  # every message, read once
+    shares = multi["counts"]["messages_read_per_process"]
+    assert len(shares) == 2 and all(0 < n < multi["counts"]["messages_read"] for n in shares)
+    assert read(tmp_path / "multi" / "memories.jsonl") == read(tmp_path / "single" / "memories.jsonl")

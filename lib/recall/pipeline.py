@@ -6,7 +6,8 @@ embeds the new entries, rebuilds the index and trains the recall model: from scr
 time, or, when the folder holds a model, from that model on the new entries plus as many earlier ones (so old
 memories are rehearsed, not forgotten). Everything is written into ``<output_dir>.staging`` and swapped in at the
 end, so a crash leaves the previous model, adapter and index as they were; ``<output_dir>.lock`` refuses a second
-run at once.
+run at once. Under torchrun each process extracts a share of the conversations; everything after that is the same
+on every process, and training is data-parallel.
 """
 
 from __future__ import annotations
@@ -109,11 +110,20 @@ def run(argv=None) -> dict:
                 extractor, extractor_tokenizer = load_model_and_tokenizer(
                     ModelArguments(model_name_or_path=recall_args.extractor_model), args)
             extractor_tokenizer.padding_side = "left"
+            # Each process reads its share of the conversations; the entries are gathered in conversation order.
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            share = todo[args.process_index::world] if world > 1 else todo
             new, counts["messages_read"] = extract_entries(
-                extractor.eval(), extractor_tokenizer, todo, batch_size=recall_args.extraction_batch_size,
+                extractor.eval(), extractor_tokenizer, share, batch_size=recall_args.extraction_batch_size,
                 max_new_tokens=recall_args.extraction_max_new_tokens, check_grounding=recall_args.check_grounding,
                 progress=lambda done, total: say(f"extraction: {done}/{total} messages") if done % 256 < 16 or
                 done == total else None)
+            if world > 1:
+                parts = [None] * world
+                torch.distributed.all_gather_object(parts, (new, counts["messages_read"]))
+                new = [entry for part, _ in parts for entry in part]
+                counts["messages_read_per_process"] = [read for _, read in parts]
+                counts["messages_read"] = sum(counts["messages_read_per_process"])
             counts["extracted"] = len(new)
             changed = {c["conversation_id"] for c in todo}
             entries, replaced = merge_entries(old.entries if old else [], new, changed)
