@@ -339,6 +339,11 @@ def test_rerun_extracts_only_new_conversations_and_a_crash_keeps_the_previous_ru
     assert second["counts"]["messages_read"] == sum(m["role"] == "user" for c in conversations[-2:]
                                                     for m in c["messages"])
     assert len(json.load(open(out / "state.json"))["conversations"]) == len(conversations)
+    # Nothing new: nothing is read or trained, and the model stays as it was.
+    adapter = open(out / "adapter_model.safetensors", "rb").read()
+    third = run_recall(tmp_path, out, "--chat_logs", str(logs), "--check_grounding", "false")
+    assert third["counts"]["new_conversations"] == 0 and third["counts"]["messages_read"] == 0
+    assert third["final_loss"] == {} and open(out / "adapter_model.safetensors", "rb").read() == adapter
 
 
 @pytest.mark.distributed

@@ -173,8 +173,8 @@ def run(argv=None) -> dict:
             rng = random.Random(args.seed)
             rest = [i for i in train_entries if i not in set(fresh)]
             train_entries = sorted(fresh + rng.sample(rest, min(len(rest), max(len(fresh), 1))))
-            keep = set(train_entries)
-            chosen = [j for j, s in enumerate(slots) if any(r in keep for r in s)]
+            new_rows = set(fresh)
+            chosen = [j for j, s in enumerate(slots) if any(r in new_rows for r in s)]  # questions the news touch
             questions, slots, recited = ([questions[j] for j in chosen], [slots[j] for j in chosen],
                                          [recited[j] for j in chosen])
         recall_config = RecallConfig(base_model=model_args.model_name_or_path, vector_dim=vectors.shape[1],
@@ -234,8 +234,12 @@ def run(argv=None) -> dict:
             resume = get_last_checkpoint(staging) if os.path.isdir(staging) else None
             if resume is None:
                 raise UserError(f"--resume_from_checkpoint true: {staging} holds no checkpoint of an unfinished run.")
-        trainer = train_recall(model, tokenizer, train_ds, table, args, save_files=save_files, resume=resume,
-                               callbacks=[SafeCallback(MetricsFileCallback()), *user_callbacks])
+        trainer = None
+        if continuing and not fresh:
+            say("no new memories: the model stays as it is")
+        else:
+            trainer = train_recall(model, tokenizer, train_ds, table, args, save_files=save_files, resume=resume,
+                                   callbacks=[SafeCallback(MetricsFileCallback()), *user_callbacks])
         times["training_s"] = time.time() - start
 
         # ---- 6. save everything into the staging folder, then swap it in -----------------------------------
@@ -246,7 +250,8 @@ def run(argv=None) -> dict:
             "settings": {"top_k": recall_args.top_k, "vector_layer": recall_args.vector_layer,
                          "k_folds": recall_args.k_folds, "base_model": model_args.model_name_or_path,
                          "extractor_model": recall_args.extractor_model or model_args.model_name_or_path},
-            "final_loss": {k: v for h in trainer.state.log_history for k, v in h.items() if k.startswith("loss/")},
+            "final_loss": {k: v for h in (trainer.state.log_history if trainer else []) for k, v in h.items()
+                           if k.startswith("loss/")},
         }
         if folds:
             ems = np.array([f["exact_match"] for f in folds])
@@ -254,7 +259,11 @@ def run(argv=None) -> dict:
             summary["k_fold"] = {"folds": folds, "exact_match_mean": float(ems.mean()),
                                  "exact_match_std": float(ems.std()), "token_accuracy_mean": float(accs.mean()),
                                  "token_accuracy_std": float(accs.std())}
-        trainer.save_model(staging)
+        if trainer is not None:
+            trainer.save_model(staging)
+        elif main_process:
+            save_files(staging)
+            tokenizer.save_pretrained(staging)
         if main_process:
             _write_run_files(staging, out, model, tokenizer, index, replaced, conversations, state, summary,
                              recall_args, write_state, write_json)
