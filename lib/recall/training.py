@@ -8,21 +8,15 @@ import random
 import datasets
 import torch
 
-from lib.core.data import load_rows
-from lib.core.errors import DataError
 from lib.recall.data import RecallCollator, qa_row, recall_row, recited_answer, sft_row
 from lib.recall.evaluation import UNKNOWN, normalise
 
 
 def load_qa_rows(path: str, limit: int | None = None, seed: int = 0) -> list[dict]:
-    rows = load_rows(path)
-    missing = {"user_id", "question", "answer"} - set(rows.column_names)
-    if missing:
-        raise DataError(f"{path} lacks field(s) {sorted(missing)}; question rows need user_id, question and answer.")
-    out = [dict(r) for r in rows]
-    if limit is not None and limit < len(out):
-        out = [out[i] for i in sorted(random.Random(seed).sample(range(len(out)), limit))]
-    return out
+    """Training questions: the same {user_id, question, answer} rows as evaluation probes."""
+    from lib.recall.probes import load_probes
+
+    return load_probes(path, limit, seed)
 
 
 def qa_slots(questions: list[dict], hits: list[list[tuple[float, int]]], entries: list[dict]
