@@ -120,3 +120,22 @@ def run_lock(output_dir: str) -> Iterator[str]:
             os.remove(path)
         return
     raise UserError(f"Could not take the lock {path}; delete it if no run is writing {output_dir}.")
+
+
+def given_entries(path: str) -> list[dict]:
+    """Entries written elsewhere (``--memories_file``): {user_id, text} rows, or {user_id, memory}; rows with
+    ``"current": false`` (a value replaced later) are left out."""
+    rows = load_rows(path)
+    field = "text" if "text" in rows.column_names else "memory" if "memory" in rows.column_names else None
+    if field is None or "user_id" not in rows.column_names:
+        raise DataError(f"{path} needs user_id and text (or memory) in every row.")
+    entries = []
+    for i, row in enumerate(rows):
+        if row.get("current") is False:
+            continue  # a generator's fact that a later one replaced
+        if not row[field] or not row["user_id"]:
+            raise DataError(f"{path} row {i}: empty user_id or {field}.")
+        entries.append({"user_id": str(row["user_id"]), "text": row[field],
+                        "conversation_id": str(row.get("conversation_id") or f"given-{i}"),
+                        "timestamp": str(row.get("timestamp") or "")})
+    return entries

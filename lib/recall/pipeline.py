@@ -35,7 +35,7 @@ def run(argv=None) -> dict:
         load_user_callbacks,
     )
     from lib.core.errors import UserError
-    from lib.core.files import replace_dir, write_json
+    from lib.core.files import replace_dir
     from lib.core.hub import check_push_to_hub
     from lib.memory.args import MemoryTypeArguments
     from lib.models.args import ModelArguments
@@ -48,11 +48,11 @@ def run(argv=None) -> dict:
     from lib.recall.extraction import extract_entries, merge_entries
     from lib.recall.index import MemoryIndex
     from lib.recall.logs import (
+        given_entries,
         new_or_changed,
         read_conversations,
         read_state,
         run_lock,
-        write_state,
     )
     from lib.recall.model import (
         CONFIG_FILE,
@@ -60,6 +60,7 @@ def run(argv=None) -> dict:
         build_recall_model,
         load_recall_model,
     )
+    from lib.recall.outputs import push_run, write_run_files
     from lib.recall.vectors import extract_last_token_embedding
 
     model_args, data_args, recall_args, args, _ = parse_args(
@@ -97,7 +98,7 @@ def run(argv=None) -> dict:
         old = MemoryIndex.load(out) if previous_run else None
         counts = {"conversations": 0, "new_conversations": 0, "messages_read": 0, "extracted": 0}
         if data_args.memories_file:
-            entries, replaced, changed = _given_entries(data_args.memories_file), [], set()
+            entries, replaced, changed = given_entries(data_args.memories_file), [], set()
             conversations = []
             counts["extracted"] = len(entries)
         else:
@@ -265,8 +266,8 @@ def run(argv=None) -> dict:
             save_files(staging)
             tokenizer.save_pretrained(staging)
         if main_process:
-            _write_run_files(staging, out, model, tokenizer, index, replaced, conversations, state, summary,
-                             recall_args, write_state, write_json)
+            write_run_files(staging, out, model, tokenizer, index, replaced, conversations, state, summary,
+                            recall_args)
             for path in [os.path.join(staging, n) for n in os.listdir(staging)]:
                 if os.path.basename(path).startswith(("checkpoint-", "fold-")):
                     shutil.rmtree(path)
@@ -274,7 +275,7 @@ def run(argv=None) -> dict:
             say(f"recall model, index and {len(entries)} memories: {out}")
         args.output_dir = out
         if args.push_to_hub and main_process:
-            _push(out, args, recall_args)
+            push_run(out, args, recall_args)
     return summary
 
 
@@ -288,26 +289,6 @@ def _has_model(folder: str) -> bool:
     return os.path.exists(os.path.join(folder, "adapter_config.json"))
 
 
-def _given_entries(path: str) -> list[dict]:
-    from lib.core.data import load_rows
-    from lib.core.errors import DataError
-
-    rows = load_rows(path)
-    field = "text" if "text" in rows.column_names else "memory" if "memory" in rows.column_names else None
-    if field is None or "user_id" not in rows.column_names:
-        raise DataError(f"{path} needs user_id and text (or memory) in every row.")
-    entries = []
-    for i, row in enumerate(rows):
-        if row.get("current") is False:
-            continue  # a generator's fact that a later one replaced
-        if not row[field] or not row["user_id"]:
-            raise DataError(f"{path} row {i}: empty user_id or {field}.")
-        entries.append({"user_id": str(row["user_id"]), "text": row[field],
-                        "conversation_id": str(row.get("conversation_id") or f"given-{i}"),
-                        "timestamp": str(row.get("timestamp") or "")})
-    return entries
-
-
 def _retrieve(base, tokenizer, index, questions, recall_args):
     from lib.recall.data import as_user_question
     from lib.recall.vectors import extract_last_token_embedding
@@ -316,49 +297,3 @@ def _retrieve(base, tokenizer, index, questions, recall_args):
                                            layer=recall_args.vector_layer, template=recall_args.vector_template)
     return [index.search_rows(v[None].numpy(), str(q["user_id"]), recall_args.top_k)[0]
             for v, q in zip(vectors, questions)]
-
-
-def _write_run_files(staging, out, model, tokenizer, index, replaced, conversations, state, summary, recall_args,
-                     write_state, write_json):
-    import json
-
-    from lib.core.cards import write_model_card
-    from lib.core.files import atomic_path
-
-    index.save(staging)
-    history = []
-    old_history = os.path.join(out, "history.jsonl")
-    if os.path.exists(old_history):
-        with open(old_history, encoding="utf-8") as f:
-            history = [json.loads(line) for line in f]
-    with atomic_path(os.path.join(staging, "history.jsonl")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in history + replaced)
-    write_state(staging, conversations, state)
-    write_json(os.path.join(staging, "summary.json"), summary)
-    if recall_args.merge_adapter:
-        merged = model.model.merge_and_unload()
-        merged.save_pretrained(os.path.join(staging, "merged"))
-        tokenizer.save_pretrained(os.path.join(staging, "merged"))
-    cfg = model.recall_config
-    write_model_card(staging, title=f"Recall-token memory for {cfg.base_model}", lines=[
-        (f"LoRA (r {cfg.lora_r}), the `{cfg.recall_token}` token's embedding row and a 2-layer projector "
-         f"({cfg.vector_dim} -> {cfg.hidden_size}) for `{cfg.base_model}`: given `{cfg.recall_token}` and a memory's "
-         "vector, the model writes the memory out or answers from it."),
-        "",
-        f"- memory vectors: last-token hidden state (layer {cfg.vector_layer}) of the frozen model",
-        f"- {summary['counts']['entries']} memory entries; the index and entries are personal data and are not "
-        "pushed to the hub unless asked (`--push_memories`)",
-        "",
-        "Ask with `python -m lib.recall.ask FOLDER --user_id ID \"question\"`.",
-    ], library_name="peft", tags=["recall-memory", "lora"], base_model=cfg.base_model)
-
-
-def _push(out, args, recall_args):
-    from huggingface_hub import HfApi
-
-    ignore = [] if recall_args.push_memories else ["memories.faiss", "memories.jsonl", "history.jsonl",
-                                                   "state.json", "summary.json"]
-    api = HfApi()
-    api.create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo or None)
-    api.upload_folder(folder_path=out, repo_id=args.hub_model_id, ignore_patterns=ignore + ["checkpoint-*"],
-                      commit_message="recall-token memory")
