@@ -96,7 +96,7 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     cache = None
     if prefix:
         cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([prefix], device=device), cache=cache, use_cache=True)
     cut = len(prefix) if prefix else 0
     collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
