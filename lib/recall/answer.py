@@ -31,7 +31,10 @@ class RecallAssistant:
         self.model.to(self.device)
         self.index = MemoryIndex.load(folder)
         summary = os.path.join(folder, "summary.json")
-        settings = json.load(open(summary)).get("settings", {}) if os.path.exists(summary) else {}
+        settings = {}
+        if os.path.exists(summary):
+            with open(summary) as f:
+                settings = json.load(f).get("settings", {})
         self.top_k = top_k or settings.get("top_k", 3)
 
     def question_vectors(self, questions: list[str]) -> torch.Tensor:

@@ -139,9 +139,10 @@ def run(argv=None) -> dict:
         start = time.time()
         known = {(e["user_id"], e["text"]): i for i, e in enumerate(old.entries)} if old else {}
         fresh = [i for i, e in enumerate(entries) if (e["user_id"], e["text"]) not in known]
+        fresh_rows = set(fresh)
         vectors = np.zeros((len(entries), base.config.hidden_size), dtype=np.float32)
         if old and len(fresh) < len(entries):
-            reused = [i for i in range(len(entries)) if i not in set(fresh)]
+            reused = [i for i in range(len(entries)) if i not in fresh_rows]
             vectors[reused] = old.vectors([known[(entries[i]["user_id"], entries[i]["text"])] for i in reused])
         if fresh:
             vectors[fresh] = extract_last_token_embedding(
@@ -172,10 +173,9 @@ def run(argv=None) -> dict:
         train_entries = list(range(len(entries)))
         if continuing:
             rng = random.Random(args.seed)
-            rest = [i for i in train_entries if i not in set(fresh)]
+            rest = [i for i in train_entries if i not in fresh_rows]
             train_entries = sorted(fresh + rng.sample(rest, min(len(rest), max(len(fresh), 1))))
-            new_rows = set(fresh)
-            chosen = [j for j, s in enumerate(slots) if any(r in new_rows for r in s)]  # questions the news touch
+            chosen = [j for j, s in enumerate(slots) if any(r in fresh_rows for r in s)]  # questions the news touch
             questions, slots, recited = ([questions[j] for j in chosen], [slots[j] for j in chosen],
                                          [recited[j] for j in chosen])
         recall_config = RecallConfig(base_model=model_args.model_name_or_path, vector_dim=vectors.shape[1],
