@@ -12,7 +12,7 @@ come from memory).
   (zero, another entry's, random vector) that must collapse; held-out folds from the run's summary.json;
 - QA accuracy with recall vs no memory vs the gold memory text in the prompt (the upper bound), with the context
   tokens each uses, split into facts, updated facts (latest value) and unknown questions;
-- index search time at each --sizes for the approximate index (HNSW, what the memory index builds above its exact
+- index search time at each --sizes for the approximate index (IVF, what the memory index builds above its exact
   limit) vs exact brute force, with recall@10, on clustered vectors of the model's width.
 Prints each side by side with its ratio; --json ends with one JSON line.
 """
@@ -58,12 +58,12 @@ def extraction_scores(entries: list[dict], facts: list[dict], users: set[str]) -
 
 
 def index_speed(n: int, dim: int, *, queries: int = 200, k: int = 10, seed: int = 0) -> dict:
-    """HNSW (as the memory index builds it) vs exact search over ``n`` clustered vectors: seconds per query,
-    the ratio, and recall@k of the approximate neighbours."""
+    """IVF (as the memory index builds it above its exact limit) vs exact search over ``n`` clustered vectors:
+    seconds per query, the ratio, and recall@k of the approximate neighbours."""
     import faiss
     import numpy as np
 
-    from lib.recall.index import MemoryIndex, _unit
+    from lib.recall.index import _unit, ivf_index
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(1, n // 50), dim)).astype(np.float32)
@@ -72,20 +72,18 @@ def index_speed(n: int, dim: int, *, queries: int = 200, k: int = 10, seed: int 
         np.float32)
     data, query = _unit(data), _unit(query)
     start = time.perf_counter()
-    approx = MemoryIndex([{"user_id": "all", "text": "x"}] * 0, np.zeros((0, dim)), exact_limit=-1)
-    approx.index.add(data)
+    approx = ivf_index(data, seed=seed)
     build = time.perf_counter() - start
     flat = faiss.IndexFlatIP(dim)
     flat.add(data)
     start = time.perf_counter()
     _, exact_ids = flat.search(query, k)
     exact_time = (time.perf_counter() - start) / queries
-    approx.index.hnsw.efSearch = approx.ef_search
     start = time.perf_counter()
-    _, ids = approx.index.search(query, k)
+    _, ids = approx.search(query, k)
     approx_time = (time.perf_counter() - start) / queries
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact_ids)]))
-    return {"entries": n, "dim": dim, "build_s": build, "exact_ms": exact_time * 1e3, "hnsw_ms": approx_time * 1e3,
+    return {"entries": n, "dim": dim, "build_s": build, "exact_ms": exact_time * 1e3, "ivf_ms": approx_time * 1e3, "lists": approx.nlist, "nprobe": approx.nprobe,
             "speedup": exact_time / approx_time, f"recall@{k}": recall}
 
 
@@ -178,7 +176,7 @@ def main(argv=None) -> dict:
     for n in sizes:
         speed = index_speed(n, dim, seed=args.seed)
         out["index_speed"].append(speed)
-        print(f"index, {n:,} entries: HNSW {speed['hnsw_ms']:.3f} ms vs exact {speed['exact_ms']:.3f} ms per query "
+        print(f"index, {n:,} entries: IVF ({speed['lists']} lists, {speed['nprobe']} probed) {speed['ivf_ms']:.3f} ms vs exact {speed['exact_ms']:.3f} ms per query "
               f"= {speed['speedup']:.1f}x, recall@10 {speed['recall@10']:.3f} (build {speed['build_s']:.0f} s)",
               flush=True)
     if args.json:

@@ -1,4 +1,4 @@
-"""The recall memory index: per-user search that never crosses users, exact and HNSW, save and load."""
+"""The recall memory index: per-user search that never crosses users, exact and IVF, save and load."""
 
 import numpy as np
 import pytest
@@ -20,11 +20,12 @@ def exact_neighbours(entries, vectors, query, user, k):
     return [entries[i]["text"] for i in sorted(mine, key=lambda i: -scores[i])[:k]]
 
 
-@pytest.mark.parametrize("exact_limit", [10_000, 10])  # exact index, and HNSW above 10 entries
-def test_search_finds_the_users_nearest_memories_and_never_another_users(exact_limit):
+# exact index; IVF above 10 entries, each user searched over their own rows; IVF searched through a user filter
+@pytest.mark.parametrize("exact_limit,user_exact_rows", [(10_000, 4096), (10, 4096), (10, 1)])
+def test_search_finds_the_users_nearest_memories_and_never_another_users(exact_limit, user_exact_rows):
     entries, vectors = entries_and_vectors()
-    index = MemoryIndex(entries, vectors, exact_limit=exact_limit)
-    assert index.kind == ("exact" if exact_limit > len(entries) else "hnsw")
+    index = MemoryIndex(entries, vectors, exact_limit=exact_limit, user_exact_rows=user_exact_rows)
+    assert index.kind == ("exact" if exact_limit > len(entries) else "ivf")
     # Each query is another user's memory exactly: the searching user must still only get their own entries.
     for row in (0, 45, 199):
         owner = entries[row]["user_id"]
@@ -35,6 +36,23 @@ def test_search_finds_the_users_nearest_memories_and_never_another_users(exact_l
             if user == owner:
                 assert found[0][1] is index.entries[row] and found[0][0] == pytest.approx(1.0, abs=1e-5)
     assert index.search(vectors[0], "nobody", k=3) == [[]]
+
+
+def test_many_users_with_few_memories_get_all_their_nearest_ones_from_the_approximate_index(tmp_path):
+    # 3000 users x 4 memories: a filtered approximate search would reach few of a user's rows (the lists probed
+    # rarely hold them); each user is searched over their own rows, so the answer is complete and exact.
+    entries, vectors = entries_and_vectors(n_users=3000, per_user=4, dim=16, seed=1)
+    index = MemoryIndex(entries, vectors, exact_limit=1000, nprobe=1)
+    assert index.kind == "ivf"
+    index.save(str(tmp_path / "idx"))
+    again = MemoryIndex.load(str(tmp_path / "idx"))
+    assert again.kind == "ivf"
+    rng = np.random.default_rng(2)
+    for user in (f"u{u}" for u in rng.choice(3000, size=20, replace=False)):
+        query = rng.standard_normal(16).astype(np.float32)
+        want = exact_neighbours(entries, vectors, query, user, 4)
+        assert [e["text"] for _, e in index.search(query, user, k=4)[0]] == want
+        assert [e["text"] for _, e in again.search(query, user, k=4)[0]] == want
 
 
 def test_saved_index_loads_and_answers_the_same(tmp_path):

@@ -49,7 +49,8 @@ class RecallModelArguments:
         "help": "Prompt around a text before its last-token state is read ({text} is the text)."})
     top_k: int = field(default=3, metadata={"help": "Memories retrieved per question: one <recall> slot each."})
     exact_index_limit: int = field(default=50_000, metadata={
-        "help": "Up to this many entries the index is exact; above it, HNSW."})
+        "help": "Up to this many entries the index is exact; above it, IVF (each user with at most a few "
+                "thousand memories is still searched exactly over their own rows)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     k_folds: int = field(default=0, metadata={

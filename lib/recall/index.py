@@ -1,9 +1,12 @@
 """Memory vectors in a FAISS index, stored with their entries and searched per user.
 
 Vectors are unit-normalised, so the inner product is the cosine. Up to ``exact_limit`` entries the index is exact
-(``IndexFlatIP``); above it, HNSW (graph search, no training, entries can be added later). A search names a user
-and FAISS only considers that user's rows (an ``IDSelectorBatch``), so one user's memories never answer another's
-question, whatever their vectors.
+(``IndexFlatIP``); above it, IVF (``IndexIVFFlat``: k-means lists, ``nprobe`` of them searched; a run rebuilds the
+index, so the lists always fit the data). A search names a user and only that user's rows are considered, so one
+user's memories never answer another's question, whatever their vectors: a user with up to ``user_exact_rows`` rows
+(the usual case: tens to hundreds of memories) is searched exactly over their own stored vectors, which is both
+exact and fast; a larger user goes through the index with an ``IDSelectorBatch`` of their rows. (A filtered
+approximate search over a few rows among many misses most of them: graph or list search rarely reaches them.)
 
 The folder holds ``memories.faiss`` (the index) and ``memories.jsonl`` (one entry per row, in index order:
 ``{"user_id", "text", ...}``), both written atomically.
@@ -26,8 +29,8 @@ ENTRIES_FILE = "memories.jsonl"
 class MemoryIndex:
     """Entries ``[{"user_id", "text", ...}]`` and their vectors ``(N, D)``."""
 
-    def __init__(self, entries: list[dict], vectors: np.ndarray, *, exact_limit: int = 50_000,
-                 hnsw_neighbours: int = 32, ef_search: int = 128):
+    def __init__(self, entries: list[dict], vectors: np.ndarray, *, exact_limit: int = 50_000, nprobe: int = 32,
+                 user_exact_rows: int = 4096, seed: int = 0):
         import faiss
 
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -39,14 +42,13 @@ class MemoryIndex:
             raise DataError(f"memory entry {missing[0]} has no user_id or no text; every entry needs both.")
         self.entries = [dict(e) for e in entries]
         self.dim = vectors.shape[1]
-        self.ef_search = ef_search
+        self.user_exact_rows = user_exact_rows
+        vectors = _unit(vectors)
         if len(entries) > exact_limit:
-            self.index = faiss.IndexHNSWFlat(self.dim, hnsw_neighbours, faiss.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efConstruction = max(2 * hnsw_neighbours, 64)
+            self.index = ivf_index(vectors, nprobe=nprobe, seed=seed)
         else:
             self.index = faiss.IndexFlatIP(self.dim)
-        if len(vectors):
-            self.index.add(_unit(vectors))
+            self.index.add(vectors)
         self._rows_of_user()
 
     def _rows_of_user(self) -> None:
@@ -60,7 +62,7 @@ class MemoryIndex:
 
     @property
     def kind(self) -> str:
-        return "hnsw" if "HNSW" in type(self.index).__name__ else "exact"
+        return "ivf" if "IVF" in type(self.index).__name__ else "exact"
 
     def search(self, queries: np.ndarray, user_id: str, k: int = 5) -> list[list[tuple[float, dict]]]:
         """The ``k`` nearest entries of ``user_id`` for each query vector: ``[[(cosine, entry), ...], ...]``."""
@@ -70,7 +72,7 @@ class MemoryIndex:
         """The stored (unit) vectors of entry rows ``(len(rows), dim)``."""
         if not len(rows):
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack([self.index.reconstruct(int(r)) for r in rows])
+        return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
 
     def search_rows(self, queries: np.ndarray, user_id: str, k: int = 5) -> list[list[tuple[float, int]]]:
         """As :meth:`search`, with entry row numbers instead of entries."""
@@ -80,12 +82,17 @@ class MemoryIndex:
         rows = self.user_rows.get(str(user_id))
         if rows is None or not len(self.entries):
             return [[] for _ in queries]
+        k = min(k, len(rows))
+        if len(rows) <= self.user_exact_rows:
+            scores = queries @ self.vectors(rows).T
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            return [[(float(s[j]), int(rows[j])) for j in row] for s, row in zip(scores, order)]
         selector = faiss.IDSelectorBatch(rows)
-        if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, k))
+        if self.kind == "ivf":
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
         else:
             params = faiss.SearchParameters(sel=selector)
-        scores, ids = self.index.search(queries, min(k, len(rows)), params=params)
+        scores, ids = self.index.search(queries, k, params=params)
         return [[(float(s), int(i)) for s, i in zip(row_scores, row_ids) if i >= 0]
                 for row_scores, row_ids in zip(scores, ids)]
 
@@ -114,9 +121,28 @@ class MemoryIndex:
             raise DataError(f"{folder}: the index holds {index.index.ntotal} vectors but {ENTRIES_FILE} "
                             f"{len(index.entries)} entries; the folder is damaged, rebuild the index.")
         index.dim = index.index.d
-        index.ef_search = 128
+        index.user_exact_rows = 4096
+        if index.kind == "ivf":
+            faiss.extract_index_ivf(index.index).make_direct_map()
         index._rows_of_user()
         return index
+
+
+def ivf_index(vectors: np.ndarray, *, nprobe: int = 32, seed: int = 0):
+    """An inner-product IVF index over unit ``vectors``: about 4·sqrt(N) lists, k-means trained on a sample of at
+    most 40 vectors per list, 10 k-means rounds, ``nprobe`` lists searched; rows can be reconstructed (for exact per-user search)."""
+    import faiss
+
+    n, dim = vectors.shape
+    lists = max(1, min(int(4 * np.sqrt(n)), n // 39))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(seed).choice(n, size=min(n, 40 * lists), replace=False)
+    index.cp.seed, index.cp.niter = seed, 10
+    index.train(vectors[np.sort(sample)])
+    index.add(vectors)
+    index.nprobe = min(nprobe, lists)
+    index.make_direct_map()
+    return index
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
