@@ -286,6 +286,8 @@ def test_evaluate_and_the_benchmark_measure_a_recall_model(trained, chats_dir, t
     assert set(conditions) == {"recall", "no_memory", "base_no_memory", "gold_text", "base_gold_text"}
     assert conditions["recall"]["memory_tokens"] == 3 and conditions["no_memory"]["memory_tokens"] is None
     assert 0 <= result["probes"]["index_recall@1"] <= result["probes"]["index_recall@3"] <= 1
+    seen = result["probes"]["when_retrieved"]
+    assert 0 <= seen["rows"] <= 6 and 0 <= seen["recall"] <= 1
     saved = json.load(open(tmp_path / "eval" / "results.json"))
     assert saved["probes"]["probes"] == 6 and "recall model" in open(tmp_path / "eval" / "results.md").read()
     with pytest.raises(UserError, match="--probe_file belongs to --recall_model"):

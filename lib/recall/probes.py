@@ -84,14 +84,24 @@ def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, 
             results["conditions"][name]["memory_tokens"] = sum(paste) / len(paste)
     # Index recall@k: a retrieved entry holds the gold memory text, or (entries written by an extractor) the answer.
     known = [i for i, p in enumerate(probes) if normalise(str(p["answer"])) != "unknown"]
+
+    def retrieved(i: int, k: int) -> bool:
+        texts = [normalise(assistant.index.entries[row]["text"]) for _, row in hits[i][:k]]
+        gold, answer = normalise(probes[i].get("memory") or ""), normalise(str(probes[i]["answer"]))
+        return any(t == gold or f" {answer} " in f" {t} " for t in texts)
+
     for k in sorted({1, assistant.top_k}):
-        found = 0
-        for i in known:
-            texts = [normalise(assistant.index.entries[row]["text"]) for _, row in hits[i][:k]]
-            gold = normalise(probes[i].get("memory") or "")
-            answer = normalise(str(probes[i]["answer"]))
-            found += any(t == gold or f" {answer} " in f" {t} " for t in texts)
-        results[f"index_recall@{k}"] = found / max(1, len(known))
+        results[f"index_recall@{k}"] = sum(retrieved(i, k) for i in known) / max(1, len(known))
+    # Reading apart from retrieval: accuracy on the questions whose memory was among the retrieved ones, beside the
+    # gold text in the prompt on the same questions.
+    found = [i for i in known if retrieved(i, assistant.top_k)]
+    position = {i: n for n, i in enumerate(with_text)}
+    results["when_retrieved"] = {
+        "rows": len(found),
+        "recall": sum(answer_correct(answers["recall"][i], str(probes[i]["answer"])) for i in found) / max(1, len(found)),
+        "base_gold_text": (sum(answer_correct(answers["base_gold_text"][position[i]], str(probes[i]["answer"]))
+                               for i in found if i in position) / max(1, sum(i in position for i in found))
+                           if with_text else None)}
     results["examples"] = [{"user_id": users[i], "question": questions[i], "answer": probes[i]["answer"],
                             "recall": answers["recall"][i], "memories": [assistant.index.entries[r]["text"]
                                                                          for _, r in hits[i]]}
@@ -117,4 +127,8 @@ def probes_markdown(results: dict, source: str) -> str:
                      + f"{memory} | {c['prompt_tokens']:.1f} |")
     lines += ["", " ".join(f"index recall@{k[len('index_recall@'):]}: {v:.3f}" for k, v in results.items()
                            if k.startswith("index_recall@")), ""]
+    seen = results.get("when_retrieved")
+    if seen and seen["rows"]:
+        gold = "" if seen["base_gold_text"] is None else f" (base model, gold text: {seen['base_gold_text']:.3f})"
+        lines += [f"On the {seen['rows']} questions whose memory was retrieved: recall {seen['recall']:.3f}{gold}.", ""]
     return "\n".join(lines)
