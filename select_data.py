@@ -38,7 +38,7 @@ def main(argv=None) -> dict | None:
 
     from lib.core.args import parse_args
     from lib.core.data import check_fields, load_rows
-    from lib.core.errors import DataError
+    from lib.core.errors import DataError, UserError
     from lib.selection.args import SelectArguments
     from lib.selection.checkpoint import load_scoring_model
     from lib.selection.outputs import write_selection
@@ -85,11 +85,18 @@ def main(argv=None) -> dict | None:
             args.router_model, want_router=want_router, dtype=dtype, attn_implementation=args.attn_implementation or "sdpa",
             experts_implementation=args.experts_implementation, revision=args.model_revision,
             trust_remote_code=args.trust_remote_code, device=device)
+    trained_on = scoring.router_config.get("scoring", {})
+    if args.score_tokens is None and args.score != "ifd":
+        args.score_tokens = trained_on.get("score_tokens") or "all"
+        if args.score_tokens == "assistant" and not args.messages_field:
+            raise UserError(f"{args.router_model} was trained on the assistant turns of chat rows "
+                            "(router_config.json); pass --messages_field, or --score_tokens all for text rows.")
     masks = scoring.split.masks(device) if scoring.split else None
     scorer = BatchScorer(scoring.model, routers=scoring.routers, garbage_masks=masks,
-                         top_k=scoring.split.top_k if scoring.split else 1, lm=args.score in LM_SCORES)
+                         top_k=scoring.split.top_k if scoring.split else 1, lm=args.score in LM_SCORES,
+                         targets_only=args.score_tokens == "assistant")
     alone_scorer = BatchScorer(scoring.model, lm=True) if args.score == "ifd" else None
-    max_len = args.max_seq_length or int(scoring.router_config.get("scoring", {}).get("max_seq_length") or 512)
+    max_len = args.max_seq_length or int(trained_on.get("max_seq_length") or 512)
 
     # ---- shards: the unit of resuming; every process takes every N-th unfinished one ---------------------
     n_rows = len(ds)
@@ -100,7 +107,7 @@ def main(argv=None) -> dict | None:
         "format_version": SHARD_FORMAT_VERSION, "score": args.score, "model": scoring.fingerprint,
         "data": data_fingerprint(args.data_file, ds), "rows": n_rows, "shard_size": shard_size,
         "max_seq_length": max_len, "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
-        "field": column, "dtype": dtype, "device_type": device.type,
+        "field": column, "dtype": dtype, "device_type": device.type, "score_tokens": args.score_tokens,
     }
     existing = check_output_dir(args, manifest)
     state.wait_for_everyone()  # every process has checked before the main one changes anything

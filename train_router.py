@@ -120,7 +120,8 @@ def main(argv=None) -> str | dict:
         "base_model_fingerprint": weights_fingerprint(model_args.model_name_or_path, model_args.model_revision),
         "upcycle": upcycle,
         "scoring": {"default_score": "quality_score", "max_seq_length": data_args.max_seq_length,
-                    "text_field": data_args.text_field, "messages_field": data_args.messages_field},
+                    "text_field": data_args.text_field, "messages_field": data_args.messages_field,
+                    "score_tokens": data_args.score_tokens},
     }
     trainer = RouterTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

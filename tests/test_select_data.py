@@ -61,23 +61,25 @@ def read_jsonl(path):
 
 # ---- reference implementation: one row at a time, full forward with output_router_logits ---------------------
 
-def reference_router_scores(model, ids, garbage: list[list[int]], top_k: int):
+def reference_router_scores(model, ids, garbage: list[list[int]], top_k: int, positions=None):
+    """Scores averaged over ``positions`` (default: every token) of the whole row's forward."""
     out = model(torch.tensor([ids]), output_router_logits=True)
+    positions = range(len(ids)) if positions is None else positions
     per_layer_q, per_layer_lo, per_layer_share = [], [], []
     for layer, logits in enumerate(out.router_logits):
         logits = logits.double()
         g = torch.zeros(logits.shape[-1], dtype=torch.bool)
         g[garbage[layer]] = True
         q_tok, lo_tok, share_tok = [], [], []
-        for t in range(len(ids)):
+        for t in positions:
             p = torch.softmax(logits[t], -1)
             q_tok.append(1 - float(p[g].sum()))
             lo_tok.append(float(torch.logsumexp(logits[t][~g], 0) - torch.logsumexp(logits[t][g], 0)))
             top = torch.topk(logits[t], top_k).indices.tolist()
             share_tok.append(sum(not bool(g[e]) for e in top) / top_k)
-        per_layer_q.append(sum(q_tok) / len(ids))
-        per_layer_lo.append(sum(lo_tok) / len(ids))
-        per_layer_share.append(sum(share_tok) / len(ids))
+        per_layer_q.append(sum(q_tok) / len(q_tok))
+        per_layer_lo.append(sum(lo_tok) / len(q_tok))
+        per_layer_share.append(sum(share_tok) / len(q_tok))
     n = len(per_layer_q)
     return {"quality_score": sum(per_layer_q) / n, "quality_logodds": sum(per_layer_lo) / n,
             "routed_share": sum(per_layer_share) / n, "quality_score_layers": per_layer_q}
@@ -268,6 +270,42 @@ def test_router_scores_on_chat_rows_use_the_chat_template(tmp_path, paragraphs):
                 max_length=64)["input_ids"])
     assert rows[0]["n_tokens"] == n and all(r["quality_score"] is not None for r in rows)
     assert len(read_jsonl(os.path.join(out, "selected.jsonl"))) == 3
+
+
+def test_routers_trained_on_assistant_turns_score_only_those_tokens(tmp_path, paragraphs):
+    rows = chat_rows(paragraphs, 5)[:5]
+    rows[1]["messages"] += [{"role": "user", "content": "And more?"}, {"role": "assistant", "content": "Yes, more."}]
+    rows.append({"messages": [{"role": "user", "content": " ".join(paragraphs[300:306])},
+                              {"role": "assistant", "content": "Cut off."}]})
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    ckpt = router_checkpoint(tmp_path, "qwen3-moe")
+    cfg_path = os.path.join(ckpt, "router_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["scoring"]["score_tokens"] = "assistant"  # as train_router.py --score_tokens assistant records it
+    json.dump(cfg, open(cfg_path, "w"))
+    out = select(tmp_path, ckpt, data, "--messages_field", "messages", "--select_top_k", "2")
+    assert json.load(open(os.path.join(out, "summary.json")))["settings"]["score_tokens"] == "assistant"
+    everything = select(tmp_path, ckpt, data, "--messages_field", "messages", "--score_tokens", "all", out="all")
+    scored, whole = read_jsonl(os.path.join(out, "scored.jsonl")), read_jsonl(os.path.join(everything, "scored.jsonl"))
+    model, tok = load_model(ckpt).eval(), load_tokenizer(ckpt)
+    garbage = [cfg["garbage_experts"][str(layer)] for layer in sorted(map(int, cfg["garbage_experts"]))]
+    with torch.no_grad():
+        for row, all_tokens in zip(scored[:5], whole):
+            text = tok.apply_chat_template(row["messages"], tokenize=False)
+            enc = tok(text, truncation=True, max_length=64, return_offsets_mapping=True)
+            answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+            starts = [text.index(a) for a in answers]  # the turns' text (the template's end marker follows)
+            # Each turn: its text and the template's end marker, up to the line break after it.
+            turns = [(s, text.index("\n", s + len(c)) + 1) for s, c in zip(starts, answers)]
+            positions = [t for t, (a, _) in enumerate(enc["offset_mapping"]) if any(s <= a < e for s, e in turns)]
+            ref = reference_router_scores(model, enc["input_ids"], garbage, cfg["top_k"], positions)
+            assert row["n_tokens"] == len(enc["input_ids"])
+            assert row["quality_score"] != pytest.approx(all_tokens["quality_score"], abs=1e-4)
+            for key in ("quality_score", "quality_logodds", "routed_share"):
+                assert row[key] == pytest.approx(ref[key], abs=2e-5), key
+    assert scored[5]["skip_reason"] == "no assistant tokens within max_seq_length"
+    with pytest.raises(UserError, match="--score_tokens assistant reads the assistant turns"):
+        SelectArguments(router_model=ckpt, data_file=data, output_dir="x", score_tokens="assistant")
 
 
 def test_bad_inputs_give_one_sentence(tmp_path, pool, capsys):

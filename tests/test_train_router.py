@@ -96,6 +96,27 @@ def test_chat_rows_labels_and_probe_selection(tmp_path, paragraphs):
     assert cfg["method"] == "probe" and all(len(v) == 2 for v in cfg["garbage_experts"].values())
 
 
+def test_routers_trained_on_assistant_turns_record_it_for_scoring(tmp_path, paragraphs, capsys):
+    import select_data
+
+    rows = [{"messages": [{"role": "user", "content": f"Explain topic {i}."},
+                          {"role": "assistant", "content": p if i % 2 else " ".join(reversed(p.split()))}],
+             "label": i % 2} for i, p in enumerate(paragraphs[:24])]
+    rows.append({"messages": [{"role": "user", "content": " ".join(paragraphs[300:306])},
+                              {"role": "assistant", "content": "Cut off."}], "label": 1})
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = run(tmp_path, data, "--messages_field", "messages", "--label_field", "label", "--max_steps", "2",
+              "--score_tokens", "assistant", model="builtin:tiny-olmoe")
+    assert "'train_no_assistant_tokens_skipped': 1" in capsys.readouterr().out  # its answer lies past 48 tokens
+    assert json.load(open(os.path.join(out, "router_config.json")))["scoring"]["score_tokens"] == "assistant"
+    selected = str(tmp_path / "sel")
+    select_data.main(["--router_model", out, "--data_file", data, "--messages_field", "messages", "--output_dir",
+                      selected, "--disable_tqdm"])
+    assert json.load(open(os.path.join(selected, "summary.json")))["settings"]["score_tokens"] == "assistant"
+    with pytest.raises(UserError, match="pass --messages_field"):
+        run(tmp_path, data, "--score_tokens", "assistant", "--max_steps", "1", out="text")
+
+
 def test_upcycled_dense_model_trains(tmp_path, pool_files):
     out = run(tmp_path, pool_files["train"], "--synthetic_negatives", "--max_steps", "2",
               "--upcycle_experts", "4", "--upcycle_top_k", "2", model="builtin:tiny-qwen3")

@@ -110,9 +110,44 @@ def render_messages(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
+def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in ``text`` (the rendered chat): each turn's content and end-of-turn
+    marker, found by rendering the chat up to the turn (with the generation prompt) and through it."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        try:
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template that cannot render a chat without messages (an assistant turn first)
+            before = ""
+        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise DataError("This chat template renders a conversation differently from its beginnings, so its "
+                            "assistant turns cannot be located; use --score_tokens all.")
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def encode_with_spans(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]], max_length: int
+                      ) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of ``texts`` (special tokens added, cut at ``max_length``) and a 0/1 mask per token: 1 where the
+    token starts inside one of its text's ``spans``."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("Scoring only the assistant turns needs a fast tokenizer (character offsets); this one is "
+                        "slow: use --score_tokens all.")
+    enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True,
+                    return_offsets_mapping=True, return_special_tokens_mask=True)
+    masks = []
+    for offsets, special, row_spans in zip(enc["offset_mapping"], enc["special_tokens_mask"], spans, strict=True):
+        masks.append([int(not sp and any(a <= start < b for a, b in row_spans) and end > start)
+                      for (start, end), sp in zip(offsets, special)])
+    return enc["input_ids"], masks
+
+
 @dataclass
 class PadCollator:
-    """Pads input_ids / attention_mask / labels to the longest row; scalar columns become tensors."""
+    """Pads input_ids / attention_mask / labels / score_mask to the longest row; scalar columns become tensors."""
 
     pad_token_id: int
     padding_side: str = "right"
@@ -123,7 +158,7 @@ class PadCollator:
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             longest = (longest + m - 1) // m * m
-        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100}
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100, "score_mask": 0}
         batch: dict[str, list] = {}
         for key in features[0]:
             values = [f[key] for f in features]

@@ -11,6 +11,8 @@ from lib.models.args import CHOICES_ATTN, CHOICES_DTYPE, CHOICES_EXPERTS
 from lib.selection.corruptions import CORRUPTIONS
 from lib.selection.scores import SCORES
 
+SCORE_TOKENS = ["all", "assistant"]
+
 
 @dataclass
 class RouterDataArguments:
@@ -32,6 +34,10 @@ class RouterDataArguments:
         default=None, metadata={"help": "Column with 1 (good) / 0 (garbage); rows without it are taken as good."}
     )
     max_seq_length: int = field(default=512, metadata={"help": "Longer rows are truncated."})
+    score_tokens: str = field(
+        default="all", metadata={"help": "Tokens the routing loss and the row scores read: all, or only the assistant "
+                                         "turns of chat rows (the question is still read as context; recorded in "
+                                         "router_config.json for select_data.py).", "choices": SCORE_TOKENS})
     synthetic_negatives: bool = field(
         default=False, metadata={"help": "Make garbage rows from the good ones (seeded corruptions)."}
     )
@@ -50,6 +56,8 @@ class RouterDataArguments:
             raise UserError(f"--synthetic_ratio must be > 0, got {self.synthetic_ratio}.")
         if self.max_seq_length < 8:
             raise UserError(f"--max_seq_length must be at least 8, got {self.max_seq_length}.")
+        if self.score_tokens == "assistant" and not self.messages_field:
+            raise UserError("--score_tokens assistant reads the assistant turns of chat rows: pass --messages_field.")
         unknown = [k for k in self.kinds() if k not in CORRUPTIONS]
         if unknown or not self.kinds():
             raise UserError(
@@ -146,6 +154,10 @@ class SelectArguments:
                           "on quality experts; perplexity: the model's own perplexity (lower is better); ifd: "
                           "instruction-following difficulty of chat rows.", "choices": SCORES.names()},
     )
+    score_tokens: str | None = field(
+        default=None, metadata={"help": "Tokens a row's score reads: all, or only the assistant turns of chat rows "
+                                        "(the rest is still read as context). Default: what the routers were trained "
+                                        "on (router_config.json), else all.", "choices": SCORE_TOKENS})
     select_ratio: float | None = field(
         default=None, metadata={"help": "Keep this fraction of the pool (default 0.3 when no other mode is set)."}
     )
@@ -200,6 +212,10 @@ class SelectArguments:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise UserError(f"--max_seq_length must be at least 2, got {self.max_seq_length}.")
+        if self.score_tokens == "assistant" and not self.messages_field:
+            raise UserError("--score_tokens assistant reads the assistant turns of chat rows: pass --messages_field.")
+        if self.score == "ifd" and self.score_tokens == "assistant":
+            raise UserError("--score ifd already scores only the answer; leave --score_tokens unset.")
         if self.score == "ifd" and not self.messages_field:
             raise UserError("--score ifd compares the answer's loss with and without its question, so it needs chat "
                             "rows: pass --messages_field.")

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import datasets
 
 from lib.core.data import (
+    assistant_spans,
     check_fields,
+    encode_with_spans,
     check_messages,
     held_out_count,
     load_rows,
@@ -25,6 +27,7 @@ class LabelledRows:
     texts: list[str]
     quality: list[int]  # 1 good, 0 garbage
     n_dropped_empty: int = 0
+    spans: list[list[tuple[int, int]]] | None = None  # character spans of the scored tokens (assistant turns)
 
 
 def collect_rows(ds, source: str, tokenizer, *, text_field: str, messages_field: str | None,
@@ -59,8 +62,10 @@ def collect_rows(ds, source: str, tokenizer, *, text_field: str, messages_field:
 
 
 def build_labelled_texts(items: list, labels: list[int], tokenizer, *, chat: bool,
-                         synthetic_kinds: list[str] | None, synthetic_ratio: float, seed: int) -> LabelledRows:
-    """Render rows to text and append synthetic negatives made from the good rows when asked."""
+                         synthetic_kinds: list[str] | None, synthetic_ratio: float, seed: int,
+                         assistant_only: bool = False) -> LabelledRows:
+    """Render rows to text and append synthetic negatives made from the good rows when asked; with
+    ``assistant_only``, also the character spans of each chat's assistant turns."""
     if synthetic_kinds:
         good = [it for it, lab in zip(items, labels, strict=True) if lab == 1]
         if not good:
@@ -69,19 +74,26 @@ def build_labelled_texts(items: list, labels: list[int], tokenizer, *, chat: boo
         items = list(items) + negatives
         labels = list(labels) + [0] * len(negatives)
     texts = [render_messages(tokenizer, it) if chat else it for it in items]
-    return LabelledRows(texts, list(labels))
+    spans = [assistant_spans(tokenizer, it, text) for it, text in zip(items, texts)] if assistant_only else None
+    return LabelledRows(texts, list(labels), spans=spans)
 
 
 def tokenize_labelled(rows: LabelledRows, tokenizer, max_seq_length: int):
-    """A ``datasets.Dataset`` with input_ids, attention_mask, labels (-100 on garbage rows) and quality."""
-    enc = tokenizer(rows.texts, truncation=True, max_length=max_seq_length, add_special_tokens=True)
-    labels = [ids if q == 1 else [-100] * len(ids) for ids, q in zip(enc["input_ids"], rows.quality, strict=True)]
-    return datasets.Dataset.from_dict({
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "labels": labels,
-        "quality": rows.quality,
-    })
+    """A ``datasets.Dataset`` with input_ids, attention_mask, labels (-100 on garbage rows) and quality; with spans,
+    also ``score_mask`` (1 on the tokens the routing loss and the row score read), and rows whose scored tokens
+    were all cut off by ``max_seq_length`` left out. Returns ``(dataset, rows left out)``."""
+    if rows.spans is None:
+        ids = tokenizer(rows.texts, truncation=True, max_length=max_seq_length, add_special_tokens=True)["input_ids"]
+        masks = None
+    else:
+        ids, masks = encode_with_spans(tokenizer, rows.texts, rows.spans, max_seq_length)
+    keep = [i for i in range(len(ids)) if masks is None or any(masks[i])]
+    labels = [ids[i] if rows.quality[i] == 1 else [-100] * len(ids[i]) for i in keep]
+    columns = {"input_ids": [ids[i] for i in keep], "attention_mask": [[1] * len(ids[i]) for i in keep],
+               "labels": labels, "quality": [rows.quality[i] for i in keep]}
+    if masks is not None:
+        columns["score_mask"] = [masks[i] for i in keep]
+    return datasets.Dataset.from_dict(columns), len(ids) - len(keep)
 
 
 def _split_rows(items: list, labels: list[int], n_eval: int, seed: int):
@@ -121,8 +133,10 @@ def prepare_router_datasets(data_args, tokenizer, *, seed: int, main_process_fir
         (items, labels), (eval_items, eval_labels) = _split_rows(items, labels, n_eval, seed)
 
     kinds = data_args.kinds() if data_args.synthetic_negatives else None
+    assistant_only = data_args.score_tokens == "assistant"
     train_rows = build_labelled_texts(items, labels, tokenizer, chat=chat, synthetic_kinds=kinds,
-                                      synthetic_ratio=data_args.synthetic_ratio, seed=seed)
+                                      synthetic_ratio=data_args.synthetic_ratio, seed=seed,
+                                      assistant_only=assistant_only)
     if 0 not in train_rows.quality:
         raise DataError(
             f"{data_args.train_file} has no garbage rows (label 0); add labelled garbage with --label_field "
@@ -130,15 +144,20 @@ def prepare_router_datasets(data_args, tokenizer, *, seed: int, main_process_fir
         )
     if 1 not in train_rows.quality:
         raise DataError(f"{data_args.train_file} has no good rows (label 1); the LM and routing losses need some.")
-    train_ds = tokenize_labelled(train_rows, tokenizer, data_args.max_seq_length)
+    train_ds, cut = tokenize_labelled(train_rows, tokenizer, data_args.max_seq_length)
     eval_ds = None
-    summary = {"train_rows": len(train_rows.texts), "train_garbage": train_rows.quality.count(0),
+    summary = {"train_rows": len(train_ds), "train_garbage": train_ds["quality"].count(0),
                "train_empty_skipped": empty}
+    if assistant_only:
+        summary["train_no_assistant_tokens_skipped"] = cut
     if eval_items is not None:
         eval_kinds = kinds if kinds and 0 not in eval_labels else None
         eval_rows = build_labelled_texts(eval_items, eval_labels, tokenizer, chat=chat, synthetic_kinds=eval_kinds,
-                                         synthetic_ratio=data_args.synthetic_ratio, seed=seed + 1)
-        eval_ds = tokenize_labelled(eval_rows, tokenizer, data_args.max_seq_length)
-        summary.update(eval_rows=len(eval_rows.texts), eval_garbage=eval_rows.quality.count(0))
+                                         synthetic_ratio=data_args.synthetic_ratio, seed=seed + 1,
+                                         assistant_only=assistant_only)
+        eval_ds, cut = tokenize_labelled(eval_rows, tokenizer, data_args.max_seq_length)
+        summary.update(eval_rows=len(eval_ds), eval_garbage=eval_ds["quality"].count(0))
+        if assistant_only:
+            summary["eval_no_assistant_tokens_skipped"] = cut
     return train_ds, eval_ds, summary
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lib.core.data import is_message_list, render_messages
+from lib.core.data import assistant_spans, encode_with_spans, is_message_list, render_messages
 
 
 @dataclass
@@ -48,11 +48,24 @@ def _skip_reason_messages(value: Any) -> str | None:
     return None if any(m["content"].strip() for m in value) else "empty"
 
 
-def prepare_rows(values: list, tokenizer, *, chat: bool, max_len: int, ifd: bool) -> list[PreparedRow]:
-    """Validate, render and tokenise one shard's rows. Bad rows get a ``skip_reason`` instead of an error."""
+def prepare_rows(values: list, tokenizer, *, chat: bool, max_len: int, ifd: bool,
+                 assistant_only: bool = False) -> list[PreparedRow]:
+    """Validate, render and tokenise one shard's rows. Bad rows get a ``skip_reason`` instead of an error.
+    With ``assistant_only`` (chat rows), each row's targets are its assistant turns' tokens."""
     reasons = [(_skip_reason_messages if chat else _skip_reason_text)(v) for v in values]
     rows = [PreparedRow(None, skip_reason=r) for r in reasons]
     live = [i for i, r in enumerate(reasons) if r is None]
+    if assistant_only and not ifd:
+        texts = [render_messages(tokenizer, values[i]) for i in live]
+        spans = [assistant_spans(tokenizer, values[i], text) for i, text in zip(live, texts)]
+        ids, masks = encode_with_spans(tokenizer, texts, spans, max_len + 1) if texts else ([], [])
+        for i, row_ids, mask in zip(live, ids, masks, strict=True):
+            cut = len(row_ids) > max_len
+            row_ids, mask = row_ids[:max_len], mask[:max_len]
+            rows[i] = (PreparedRow(Item(row_ids, mask), truncated=cut) if any(mask) else
+                       PreparedRow(None, truncated=cut, skip_reason="no assistant tokens" + (
+                           " within max_seq_length" if cut else "")))
+        return rows
     if not ifd:
         texts = [render_messages(tokenizer, values[i]) if chat else values[i] for i in live]
         ids, truncated = _encode(tokenizer, texts, max_len) if texts else ([], [])

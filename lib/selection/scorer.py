@@ -32,12 +32,14 @@ class BatchScorer:
     row by row, so the ``(tokens, vocab)`` log-probabilities of a whole batch never exist at once.
     """
 
-    def __init__(self, model, *, routers=None, garbage_masks=None, top_k: int = 1, lm: bool = False):
+    def __init__(self, model, *, routers=None, garbage_masks=None, top_k: int = 1, lm: bool = False,
+                 targets_only: bool = False):
         self.model = model
         self.routers = routers or []
         self.garbage_masks = garbage_masks
         self.top_k = top_k
         self.lm = lm
+        self.targets_only = targets_only  # router scores read only the target tokens (assistant turns)
         self._head_checked = False
         self._head_is_exact = True
         if not self.routers and not lm:
@@ -71,7 +73,8 @@ class BatchScorer:
         if self.routers:
             if len(capture.logits) != len(self.routers):
                 raise RuntimeError(f"captured {len(capture.logits)} router outputs, expected {len(self.routers)}")
-            out.update(router_row_scores(capture.logits, self.garbage_masks, attention_mask, self.top_k))
+            scored = target_mask if self.targets_only and target_mask is not None else attention_mask
+            out.update(router_row_scores(capture.logits, self.garbage_masks, scored, self.top_k))
         if self.lm:
             out["nll"] = nll
         return out

@@ -93,11 +93,13 @@ class RouterTrainer(FrozenBackboneTrainer):
             counts = torch.zeros(len(self.routers), self.routers[0].num_experts)
             bs = self.args.per_device_eval_batch_size
             for i in range(0, len(rows), bs):
-                batch = self.data_collator([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows[i:i + bs]])
+                keys = [k for k in ("input_ids", "attention_mask", "score_mask") if k in rows[0]]
+                batch = self.data_collator([{k: r[k] for k in keys} for r in rows[i:i + bs]])
                 batch = {k: v.to(device) for k, v in batch.items()}
+                scored = batch.pop("score_mask", batch["attention_mask"])
                 with RouterCapture(self.routers) as cap:
                     model(**batch, use_cache=False, logits_to_keep=1)
-                counts += expert_slot_counts(cap.logits, batch["attention_mask"], self.routers[0].top_k)
+                counts += expert_slot_counts(cap.logits, scored, self.routers[0].top_k)
             shares[quality] = counts / counts.sum(-1, keepdim=True).clamp_min(1)
         if shares[0] is None:
             raise UserError("garbage_selection=probe needs garbage rows (label 0 or --synthetic_negatives).")
@@ -111,13 +113,15 @@ class RouterTrainer(FrozenBackboneTrainer):
         quality = inputs.pop("quality")
         labels = inputs.pop("labels")
         attention_mask = inputs["attention_mask"]
+        scored = inputs.pop("score_mask", None)  # --score_tokens assistant: the tokens routing is trained on
+        scored = attention_mask if scored is None else scored
         local = self.args.router_gradient == "local"
         need_lm = self.coefs["lm_loss_coef"] > 0 and not local
         with RouterCapture(self.routers, detach=local) as cap:
             # Without an LM term, the LM head is only run on the last position.
             outputs = model(**inputs, use_cache=False, logits_to_keep=0 if need_lm else 1)
         masks = self.split.masks(attention_mask.device)
-        token_mask = attention_mask.reshape(-1).bool()
+        token_mask = scored.reshape(-1).bool()
         token_is_garbage = (quality == 0)[:, None].expand_as(attention_mask).reshape(-1)
         route = routing_loss(cap.logits, masks, token_is_garbage, token_mask)
         aux = load_balancing_loss(cap.logits, self.split.top_k, token_mask)
@@ -134,7 +138,7 @@ class RouterTrainer(FrozenBackboneTrainer):
             self.record("router/entropy", routing_entropy(cap.logits, token_mask))
             self.record("router/garbage_mass_good", mass[good_tok].sum(), good_tok.sum())
             self.record("router/garbage_mass_bad", mass[bad_tok].sum(), bad_tok.sum())
-            row_mass = row_garbage_mass(cap.logits, masks, attention_mask)
+            row_mass = row_garbage_mass(cap.logits, masks, scored)
         return loss, row_mass, quality
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -182,6 +186,8 @@ class RouterTrainer(FrozenBackboneTrainer):
                                          if extra.get("base_model_revision") else ""),
             f"- upcycled: {json.dumps(extra.get('upcycle')) if extra.get('upcycle') else 'no'}",
             f"- garbage-bin experts per layer ({self.args.garbage_selection}): {split}",
+            f"- tokens routing is trained on and rows are scored by: "
+            f"{extra.get('scoring', {}).get('score_tokens') or 'all'}",
             f"- loss coefficients: lm {self.args.lm_loss_coef}, route {self.args.route_loss_coef}, "
             f"aux {self.args.aux_loss_coef}; router gradients: {self.args.router_gradient}",
             f"- epochs {self.args.num_train_epochs}, learning rate {self.args.learning_rate}, "
