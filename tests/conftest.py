@@ -9,6 +9,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs one worker per core: a second intra-op thread per worker only oversubscribes the cores, and
+    # OpenMP's waits then made a tiny model's forward pass up to 70x slower. Scripts the tests start inherit it.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
