@@ -9,7 +9,7 @@ from lib.core.errors import UserError
 from lib.core.training_args import FrozenBackboneTrainingArguments
 from lib.models.args import CHOICES_ATTN, CHOICES_DTYPE, CHOICES_EXPERTS
 from lib.selection.corruptions import CORRUPTIONS
-from lib.selection.scores import SCORES
+from lib.selection.scores import BASELINE_SCORES, SCORES
 
 SCORE_TOKENS = ["all", "assistant"]
 
@@ -136,8 +136,9 @@ class RouterTrainingArguments(FrozenBackboneTrainingArguments):
 @dataclass
 class SelectArguments:
     router_model: str = field(
-        metadata={"help": "A train_router.py checkpoint (folder with router_config.json). For --score perplexity "
-                          "or ifd any causal LM works (hub id, local path or builtin name)."}
+        metadata={"help": "A train_router.py checkpoint (folder with router_config.json). For --score perplexity, "
+                          "ifd or probe any causal LM works (hub id, local path or builtin name); --score fasttext "
+                          "reads only its tokenizer's chat template, for chat rows."}
     )
     data_file: str = field(metadata={"help": "The pool: .jsonl/.json/.parquet/.csv file or a `datasets` hub name."})
     output_dir: str = field(metadata={"help": "Where scored.*, selected.*, summary.json and scores.png go."})
@@ -152,7 +153,10 @@ class SelectArguments:
         metadata={"help": "Score used for ranking. quality_score: 1 - mean garbage-bin mass; quality_logodds: mean "
                           "logsumexp(quality logits) - logsumexp(garbage logits); routed_share: share of top-k slots "
                           "on quality experts; perplexity: the model's own perplexity (lower is better); ifd: "
-                          "instruction-following difficulty of chat rows.", "choices": SCORES.names()},
+                          "instruction-following difficulty of chat rows; fasttext: P(good) of a fastText classifier "
+                          "trained on --baseline_train_file; probe: P(good) of a logistic-regression probe on the "
+                          "model's mean-pooled hidden states, trained on --baseline_train_file.",
+                  "choices": SCORES.names()},
     )
     score_tokens: str | None = field(
         default=None, metadata={"help": "Tokens a row's score reads: all, or only the assistant turns of chat rows "
@@ -193,6 +197,24 @@ class SelectArguments:
         default=None, metadata={"help": "MoE experts kernel (transformers' default when unset).",
                                 "choices": CHOICES_EXPERTS}
     )
+    baseline_train_file: str | None = field(
+        default=None, metadata={"help": "Labelled rows the fasttext and probe baselines train on, in train_router.py's "
+                                        "--train_file format: the pool's text (or messages) field and a 0/1 label."})
+    baseline_label_field: str = field(
+        default="label", metadata={"help": "Column of --baseline_train_file with 1 (good) / 0 (garbage)."})
+    baseline_seed: int = field(default=0, metadata={"help": "Seed of the fasttext and probe baselines' training."})
+    fasttext_epoch: int = field(default=5, metadata={"help": "fastText training epochs."})
+    fasttext_lr: float = field(default=0.1, metadata={"help": "fastText learning rate."})
+    fasttext_word_ngrams: int = field(
+        default=2, metadata={"help": "Longest word n-gram fastText reads (2, as in DCLM's classifier)."})
+    fasttext_dim: int = field(default=100, metadata={"help": "fastText embedding size."})
+    probe_layer: int | None = field(
+        default=None, metadata={"help": "Which hidden states the probe reads, as indexed in transformers' "
+                                        "output_hidden_states: 0 = the embeddings, L = the output of decoder layer L "
+                                        "(counting from 1; the last as the model family returns it). Default: the "
+                                        "middle, num_hidden_layers // 2."})
+    probe_c: float = field(
+        default=1.0, metadata={"help": "Inverse L2 strength of the probe's logistic regression (scikit-learn's C)."})
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision of --router_model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
@@ -216,7 +238,25 @@ class SelectArguments:
             raise UserError("--score_tokens assistant reads the assistant turns of chat rows: pass --messages_field.")
         if self.score == "ifd" and self.score_tokens == "assistant":
             raise UserError("--score ifd already scores only the answer; leave --score_tokens unset.")
+        if self.score in BASELINE_SCORES:
+            self._check_baseline()
         if self.score == "ifd" and not self.messages_field:
             raise UserError("--score ifd compares the answer's loss with and without its question, so it needs chat "
                             "rows: pass --messages_field.")
 
+
+    def _check_baseline(self) -> None:
+        if not self.baseline_train_file:
+            raise UserError(f"--score {self.score} is a supervised baseline that trains on labelled rows: pass "
+                            "--baseline_train_file (rows with the pool's text or messages field and a 0/1 "
+                            f"'{self.baseline_label_field}' column, as train_router.py's --train_file).")
+        if self.score_tokens == "assistant":
+            raise UserError(f"--score {self.score} reads whole rows; leave --score_tokens unset.")
+        for name in ("fasttext_epoch", "fasttext_word_ngrams", "fasttext_dim"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("fasttext_lr", "probe_c"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name} must be > 0, got {getattr(self, name)}.")
+        if self.probe_layer is not None and self.probe_layer < 0:
+            raise UserError(f"--probe_layer must be >= 0, got {self.probe_layer}.")

@@ -7,6 +7,7 @@ transformers checkpoint (``--save_full_model``, or a checkpoint from before form
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,12 @@ from lib.core.trainer import TRAINABLE_WEIGHTS_NAME
 from lib.models.loading import load_model, load_tokenizer, weights_fingerprint
 from lib.models.moe import RouterInfo, find_moe_routers, keep_routers_fp32
 from lib.models.upcycling import upcycle_to_moe
-from lib.selection.split import ExpertSplit, checkpoint_file, load_router_config
+from lib.selection.split import (
+    ExpertSplit,
+    checkpoint_file,
+    find_router_config,
+    load_router_config,
+)
 
 
 @dataclass
@@ -69,6 +75,22 @@ def load_scoring_model(name: str, *, want_router: bool, dtype: str, attn_impleme
         )
     keep_routers_fp32(routers)  # scores are computed in fp32 whatever the model's dtype
     return ScoringModel(model.to(device).eval(), tokenizer, routers, split, cfg, fingerprint)
+
+
+def load_row_tokenizer(name: str | None, *, revision: str | None, trust_remote_code: bool) -> ScoringModel:
+    """No model, for scores that read only the rendered rows (fasttext): the tokenizer of ``name`` when chat rows
+    need its chat template (a router checkpoint without one uses its base model's), else nothing at all."""
+    if name is None:
+        return ScoringModel(None, None, [], None, {}, "none")
+    source, source_revision = name, revision
+    if find_router_config(name, revision) and not checkpoint_file(name, "tokenizer_config.json", revision):
+        cfg = load_router_config(name, revision)
+        source, source_revision = cfg.get("base_model") or name, cfg.get("base_model_revision")
+    tokenizer = load_tokenizer(source, revision=source_revision, trust_remote_code=trust_remote_code,
+                               flag="--router_model")
+    template = getattr(tokenizer, "chat_template", None) or ""
+    fingerprint = "chat_template:" + hashlib.sha256(str(template).encode()).hexdigest()
+    return ScoringModel(None, tokenizer, [], None, {}, fingerprint)
 
 
 def _rebuild(name: str, cfg: dict, revision: str | None, load: dict) -> tuple[Any, Any, str]:

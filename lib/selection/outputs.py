@@ -64,8 +64,10 @@ SUMMARY_NAME = "summary.json"
 
 def write_selection(args: SelectArguments, ds, *, shard_dir: str, n_shards: int, manifest: dict,
                     router_cfg: dict, want_router: bool, max_len: int, dtype: str, device: str, processes: int,
-                    rows_scored_here: int, scoring_seconds: float, started: float) -> dict[str, Any]:
-    """Merge the shards, select, and write the result set (summary.json last); returns the summary."""
+                    rows_scored_here: int, scoring_seconds: float, started: float,
+                    baseline: dict | None = None) -> dict[str, Any]:
+    """Merge the shards, select, and write the result set (summary.json last); returns the summary. ``baseline``:
+    what the fasttext or probe baseline was trained on, its settings and its training time."""
     n_rows = len(ds)
     summary_path = os.path.join(args.output_dir, SUMMARY_NAME)
     if os.path.exists(summary_path):
@@ -101,6 +103,7 @@ def write_selection(args: SelectArguments, ds, *, shard_dir: str, n_shards: int,
                   "expert_split": ({"num_experts": router_cfg["num_experts"], "top_k": router_cfg["top_k"],
                                     "method": router_cfg.get("method")} if want_router else None)},
         "data": {"source": args.data_file, "field": column, "fingerprint": manifest["data"]},
+        "baseline": baseline,
         "max_seq_length": max_len,
         "shard_size": manifest["shard_size"],
         "dtype": dtype,

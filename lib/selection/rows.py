@@ -48,6 +48,14 @@ def _skip_reason_messages(value: Any) -> str | None:
     return None if any(m["content"].strip() for m in value) else "empty"
 
 
+def row_texts(values: list, tokenizer, *, chat: bool) -> tuple[list[str | None], list[str | None]]:
+    """Each row as the text the scores read (chat rows through the chat template), or None with a skip reason."""
+    reasons = [(_skip_reason_messages if chat else _skip_reason_text)(v) for v in values]
+    texts = [None if r is not None else render_messages(tokenizer, v) if chat else v
+             for v, r in zip(values, reasons, strict=True)]
+    return texts, reasons
+
+
 def prepare_rows(values: list, tokenizer, *, chat: bool, max_len: int, ifd: bool,
                  assistant_only: bool = False) -> list[PreparedRow]:
     """Validate, render and tokenise one shard's rows. Bad rows get a ``skip_reason`` instead of an error.

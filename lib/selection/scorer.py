@@ -9,7 +9,7 @@ import torch
 
 from lib.models.moe import RouterCapture
 from lib.selection.args import SelectArguments
-from lib.selection.rows import Item, prepare_rows
+from lib.selection.rows import Item, prepare_rows, row_texts
 from lib.selection.scores import (
     ROUTER_SCORES,
     finite_or_none,
@@ -106,6 +106,46 @@ class BatchScorer:
         ])
 
 
+class HiddenPooler:
+    """Each row's hidden states at one layer, mean-pooled over its non-padding tokens in fp32 (the probe's features).
+
+    ``layer`` indexes ``hidden_states`` of transformers' ``output_hidden_states``: 0 is the embeddings, L the
+    output of decoder layer L. Below the last layer the forward pass stops at the input of decoder layer ``layer``
+    (which is ``hidden_states[layer]``), so the layers above it and the LM head never run.
+    """
+
+    def __init__(self, model, layer: int):
+        self.model = model
+        self.layer = layer
+        blocks = getattr(model.base_model, "layers", None)
+        n_layers = model.config.get_text_config().num_hidden_layers
+        whole = isinstance(blocks, torch.nn.ModuleList) and len(blocks) == n_layers
+        self._stop_at = blocks[layer] if whole and layer < n_layers else None
+        self._hidden = None
+
+    def _capture(self, module, args, kwargs):
+        self._hidden = args[0] if args else kwargs["hidden_states"]
+        raise _StopForward
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 target_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        run = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if self._stop_at is None:
+            hidden = self.model.base_model(**run, output_hidden_states=True).hidden_states[self.layer]
+        else:
+            hook = self._stop_at.register_forward_pre_hook(self._capture, with_kwargs=True)
+            try:
+                self.model.base_model(**run)
+            except _StopForward:
+                pass
+            finally:
+                hook.remove()
+            hidden, self._hidden = self._hidden, None
+        mask = attention_mask.to(torch.float32)[..., None]
+        return {"features": (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1)}
+
+
 def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, longest first (an out-of-memory shows up at once).
 
@@ -154,13 +194,17 @@ def run_items(scorer, items: list[Item], *, pad_id: int, device, batch_size: int
 
 
 def score_shard(values: list, *, scorer, tokenizer, args: SelectArguments, max_len: int, device,
-                want_router: bool, alone_scorer=None, on_rows=None) -> list[dict[str, Any]]:
+                want_router: bool, alone_scorer=None, baseline=None, on_rows=None) -> list[dict[str, Any]]:
     """Per-row score columns of one shard (every row gets a dict, skipped rows with nulls and a reason).
 
-    ``alone_scorer`` (ifd only) scores the answers without their questions.
+    ``alone_scorer`` (ifd only) scores the answers without their questions; ``baseline`` is the trained fasttext
+    or probe model (lib/selection/baselines.py).
     """
     chat = bool(args.messages_field)
-    prepared = prepare_rows(values, tokenizer, chat=chat, max_len=max_len, ifd=args.score == "ifd")
+    if args.score == "fasttext":
+        return _fasttext_shard(values, baseline, tokenizer, chat=chat, on_rows=on_rows)
+    prepared = prepare_rows(values, tokenizer, chat=chat, max_len=max_len, ifd=args.score == "ifd",
+                            assistant_only=args.score_tokens == "assistant")
     live = [i for i, p in enumerate(prepared) if p.main is not None]
     pad_id = tokenizer.pad_token_id
     run = dict(pad_id=pad_id, device=device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
@@ -168,6 +212,7 @@ def score_shard(values: list, *, scorer, tokenizer, args: SelectArguments, max_l
     alone = None
     if args.score == "ifd":
         alone = run_items(alone_scorer, [prepared[i].alone for i in live], **run)
+    probe = baseline.p_good([r["features"] for r in main]) if args.score == "probe" and main else None
     if on_rows is not None:
         on_rows(0, skipped=len(values) - len(live))
 
@@ -193,10 +238,28 @@ def score_shard(values: list, *, scorer, tokenizer, args: SelectArguments, max_l
             solo = finite_or_none(alone[k].get("nll")) if k is not None else None
             row["ifd_loss_conditioned"], row["ifd_loss_alone"] = cond, solo
             row["ifd"] = cond / solo if cond is not None and solo else None
-        row["selection_score"] = finite_or_none(selection_score(args.score, row))
-        if row["skip_reason"] is None and row["selection_score"] is None:
-            row["skip_reason"] = "no scoreable tokens"
-        row.pop("_nll", None)
-        rows.append(row)
+        if args.score == "probe":
+            row["probe"] = finite_or_none(float(probe[k])) if k is not None else None
+        rows.append(_finish(row, args.score))
     return rows
 
+
+def _fasttext_shard(values: list, baseline, tokenizer, *, chat: bool, on_rows=None) -> list[dict[str, Any]]:
+    """fastText reads the rendered rows whole (no truncation); ``n_tokens`` counts the words it reads."""
+    texts, reasons = row_texts(values, tokenizer, chat=chat)
+    rows = []
+    for text, reason in zip(texts, reasons, strict=True):
+        row = {"truncated": False, "skip_reason": reason, "n_tokens": 0 if text is None else len(text.split()),
+               "fasttext": None if text is None else finite_or_none(baseline.p_good(text))}
+        rows.append(_finish(row, "fasttext"))
+    if on_rows is not None:
+        on_rows(len(values))
+    return rows
+
+
+def _finish(row: dict[str, Any], score: str) -> dict[str, Any]:
+    row["selection_score"] = finite_or_none(selection_score(score, row))
+    if row["skip_reason"] is None and row["selection_score"] is None:
+        row["skip_reason"] = "no scoreable tokens"
+    row.pop("_nll", None)
+    return row

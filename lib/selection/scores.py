@@ -138,8 +138,10 @@ def finite_or_none(x) -> float | None:
 
 @dataclass(frozen=True)
 class Score:
-    """A way to rank rows. ``needs``: ``router`` (router logits of a train_router.py checkpoint) or ``lm`` (the
-    model's own token losses). ``rank`` turns a scored row's columns into its selection_score (higher is better)."""
+    """A way to rank rows. ``needs``: ``router`` (router logits of a train_router.py checkpoint), ``lm`` (the
+    model's own token losses), ``text`` (the rendered rows only, plus labelled rows to train on) or ``hidden`` (the
+    model's hidden states, plus labelled rows to train on). ``rank`` turns a scored row's columns into its
+    selection_score (higher is better)."""
 
     name: str
     needs: str
@@ -171,8 +173,15 @@ SCORES.register("perplexity", Score(
 SCORES.register("ifd", Score(
     "ifd", "lm", _ifd_rank,
     "instruction-following difficulty of chat rows: IFD < 1 descending, then IFD >= 1"))
+SCORES.register("fasttext", Score(
+    "fasttext", "text", lambda row: row.get("fasttext"),
+    "P(good) of a fastText classifier trained on labelled rows (DCLM / FineWeb-Edu style)"))
+SCORES.register("probe", Score(
+    "probe", "hidden", lambda row: row.get("probe"),
+    "P(good) of a logistic regression on the model's mean-pooled hidden states, trained on labelled rows"))
 ROUTER_SCORES = tuple(n for n in SCORES.names() if SCORES.get(n).needs == "router")
 LM_SCORES = tuple(n for n in SCORES.names() if SCORES.get(n).needs == "lm")
+BASELINE_SCORES = tuple(n for n in SCORES.names() if SCORES.get(n).needs in ("text", "hidden"))
 
 
 def selection_score(score: str, row: dict[str, Any]) -> float | None:

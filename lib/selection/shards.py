@@ -24,7 +24,7 @@ from lib.selection.scores import ROUTER_SCORES
 
 # Columns select_data.py adds to every row; an input that already has one of them is refused.
 SCORE_COLUMNS = (*ROUTER_SCORES, "quality_score_layers", "perplexity", "ifd", "ifd_loss_conditioned",
-                 "ifd_loss_alone", "selection_score", "n_tokens", "truncated", "skip_reason")
+                 "ifd_loss_alone", "fasttext", "probe", "selection_score", "n_tokens", "truncated", "skip_reason")
 
 
 SHARD_FORMAT_VERSION = 2
