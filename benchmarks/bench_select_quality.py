@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""How well do the trained routers tell clean rows from garbage, next to the perplexity baseline?
+"""How well do the trained routers tell clean rows from garbage, next to the baselines a practitioner would use?
 
-Runs select_data.py twice on a labelled file (1 good, 0 garbage) that router training never saw: once ranking by
-the router score and once by the model's own perplexity (CCNet-style). Prints the AUROC of every score for
-separating good from garbage, per corruption kind when the file has a ``corruption`` column, and the precision
-(share of good rows) of each run's selected rows.
+Runs select_data.py on a labelled file (1 good, 0 garbage) that router training never saw, once per method: the
+router score, the model's own perplexity (CCNet-style), IFD (chat rows), and, with --baseline_train_file (the
+router's training rows), the supervised baselines: a fastText classifier and a linear probe on the frozen model's
+mean-pooled hidden states. Prints the AUROC of every score for separating good from garbage, per corruption kind
+when the file has a ``corruption`` column, the precision (share of good rows) of each run's selected rows, and each
+method's scoring throughput (rows/s).
 
     make demo                # chat rows: trains outputs/router, writes data/heldout_chat.jsonl
     python benchmarks/bench_select_quality.py --router_model outputs/router --data_file data/heldout_chat.jsonl \
-        --messages_field messages --json
+        --messages_field messages --baseline_train_file data/router.jsonl --json
     # text rows: routers trained on `python -m lib.selection.pools --output_dir data` (data/heldout.jsonl)
     python benchmarks/bench_select_quality.py --router_model outputs/router --data_file data/heldout.jsonl --json
 
@@ -39,6 +41,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_seq_length", type=int, default=None, help="Truncation (default: the checkpoint's).")
     parser.add_argument("--max_samples", type=int, default=None, help="Score only the first N rows.")
     parser.add_argument("--batch_size", type=int, default=None, help="Rows per forward pass (select_data's default).")
+    parser.add_argument("--baseline_train_file", default=None,
+                        help="Labelled rows (the router's training file) for the fasttext and probe baselines.")
     parser.add_argument("--output_dir", default="outputs/select_quality")
     parser.add_argument("--json", action="store_true", help="Print a JSON object as the last line.")
     args = parser.parse_args(argv)
@@ -56,31 +60,37 @@ def main(argv=None) -> dict:
     for i, value in enumerate(ds[args.label_field]):
         parse_label(value, args.data_file, i, args.label_field)
 
-    def run(score: str) -> tuple[list[dict], list[dict]]:
+    def run(score: str) -> tuple[list[dict], list[dict], float | None]:
         out = os.path.join(args.output_dir, score)
         argv = ["--router_model", args.router_model, "--data_file", args.data_file, "--text_field", args.text_field,
                 "--output_dir", out, "--score", score, "--select_ratio", str(args.select_ratio),
-                "--overwrite_output_dir"]
+                "--overwrite_output_dir", "--disable_tqdm"]
         for flag in ("messages_field", "max_seq_length", "max_samples", "batch_size"):
             if getattr(args, flag):
                 argv += [f"--{flag}", str(getattr(args, flag))]
-        select_data.main(argv)
+        if score in ("fasttext", "probe"):
+            argv += ["--baseline_train_file", args.baseline_train_file, "--baseline_label_field", args.label_field]
+        summary = select_data.main(argv)
 
         def read(name: str) -> list[dict]:
             with open(os.path.join(out, name), encoding="utf-8") as f:
                 return [json.loads(line) for line in f]
 
-        return read("scored.jsonl"), read("selected.jsonl")
+        return read("scored.jsonl"), read("selected.jsonl"), summary["timing"]["rows_per_second_rank0"]
 
-    _, router_selected = run(args.score)
+    methods = [args.score, "perplexity"] + (["ifd"] if args.messages_field else []) + (
+        ["fasttext", "probe"] if args.baseline_train_file else [])
+    runs = {method: run(method) for method in methods}
     # The perplexity run on a router checkpoint computes the router scores in the same forward pass too.
-    ppl_rows, ppl_selected = run("perplexity")
+    ppl_rows = runs["perplexity"][0]
+
     def label(row: dict) -> int:  # every label was checked above
         return parse_label(row[args.label_field], args.data_file, 0, args.label_field)
 
     labels = [label(r) for r in ppl_rows]
     columns = {name: [r.get(name) for r in ppl_rows] for name in ("quality_score", "quality_logodds", "routed_share")}
-    columns["perplexity"] = [r["selection_score"] for r in ppl_rows]  # -log perplexity: higher is better
+    for method in methods[1:]:
+        columns[method] = [r["selection_score"] for r in runs[method][0]]  # higher is better in every method
 
     def precision(selected: list[dict]) -> float:
         return sum(label(r) for r in selected) / max(1, len(selected))
@@ -90,8 +100,8 @@ def main(argv=None) -> dict:
 
     result = {"rows": len(labels), "good": sum(labels), "select_ratio": args.select_ratio,
               "auroc": {name: auroc(nan_none(v), labels) for name, v in columns.items()},
-              "precision_selected": {
-                  args.score: precision(router_selected), "perplexity": precision(ppl_selected)},
+              "precision_selected": {method: precision(runs[method][1]) for method in methods},
+              "rows_per_second": {method: runs[method][2] for method in methods},
               "base_rate": sum(labels) / len(labels)}
     print(f"\n{result['rows']} rows ({result['good']} good); AUROC for good vs garbage, higher is better:")
     print(f"{'score':<18}{'AUROC':>8}{'vs perplexity':>15}")
@@ -108,8 +118,11 @@ def main(argv=None) -> dict:
             result["auroc_by_corruption"][kind] = row
             print(f"{kind:<12}" + "".join(f"{row[n]:17.3f}" for n in columns))
     print(f"\nprecision of the selected {args.select_ratio:.0%} (share of good rows; base rate "
-          f"{result['base_rate']:.2f}): {args.score} {result['precision_selected'][args.score]:.3f}, "
-          f"perplexity {result['precision_selected']['perplexity']:.3f}")
+          f"{result['base_rate']:.2f}) and scoring throughput:")
+    for method in methods:
+        speed = result["rows_per_second"][method]
+        print(f"  {method:<16}{result['precision_selected'][method]:.3f}   " +
+              (f"{speed:.1f} rows/s" if speed else ""))
     if args.json:
         print(json.dumps(result))
     return result

@@ -146,10 +146,17 @@ def test_bench_select_quality_end_to_end(tmp_path, paragraphs):
         rows += [{"messages": messages, "label": 1, "corruption": None},
                  {"messages": corrupt_messages(messages, chat[10], kind, rng), "label": 0, "corruption": kind}]
     data = write_jsonl(tmp_path / "heldout_chat.jsonl", rows)
+    train = []
+    for p in paragraphs[20:40]:
+        messages = [{"role": "user", "content": "What does the documentation say here?"},
+                    {"role": "assistant", "content": p}]
+        train += [{"messages": messages, "label": 1},
+                  {"messages": corrupt_messages(messages, chat[10], "shuffle", rng), "label": 0}]
+    train_file = write_jsonl(tmp_path / "router_train.jsonl", train)
     out = tmp_path / "out"
     result = last_json(bench("bench_select_quality.py", "--router_model", router_checkpoint(tmp_path), "--data_file",
                              data, "--messages_field", "messages", "--output_dir", str(out), "--max_samples", "16",
-                             "--batch_size", "4", "--json"))
+                             "--batch_size", "4", "--baseline_train_file", train_file, "--json"))
     assert result["rows"] == 16 and result["good"] == 8 and result["base_rate"] == 0.5
 
     def read(run, name):
@@ -161,8 +168,10 @@ def test_bench_select_quality_end_to_end(tmp_path, paragraphs):
     assert labels == [r["label"] for r in rows[:16]]
     # Every AUROC is recomputed from the scored file by counting pairs.
     columns = {n: [r[n] for r in scored] for n in ("quality_score", "quality_logodds", "routed_share")}
-    columns["perplexity"] = [r["selection_score"] for r in scored]
+    for method in ("perplexity", "ifd", "fasttext", "probe"):
+        columns[method] = [r["selection_score"] for r in read(method, "scored.jsonl")]
     assert result["auroc"].keys() == columns.keys()
+    assert all(result["rows_per_second"][m] > 0 for m in ("quality_score", "perplexity", "ifd", "fasttext", "probe"))
     for name, values in columns.items():
         assert result["auroc"][name] == pytest.approx(pairwise_auroc(values, labels)), name
     # The router columns come from the perplexity run: they equal the router run's own scores.
@@ -174,8 +183,8 @@ def test_bench_select_quality_end_to_end(tmp_path, paragraphs):
         idx = [i for i, r in enumerate(scored) if r["label"] == 1 or r["corruption"] == kind]
         assert row["quality_score"] == pytest.approx(
             pairwise_auroc([columns["quality_score"][i] for i in idx], [labels[i] for i in idx]))
-    for run, score in (("quality_score", "quality_score"), ("perplexity", "perplexity")):
-        selected = read(run, "selected.jsonl")
+    for score in ("quality_score", "perplexity", "ifd", "fasttext", "probe"):
+        selected = read(score, "selected.jsonl")
         assert len(selected) == round(0.3 * 16)
         assert result["precision_selected"][score] == pytest.approx(sum(r["label"] for r in selected) / len(selected))
 
