@@ -203,8 +203,10 @@ class SelectArguments:
     baseline_label_field: str = field(
         default="label", metadata={"help": "Column of --baseline_train_file with 1 (good) / 0 (garbage)."})
     baseline_seed: int = field(default=0, metadata={"help": "Seed of the fasttext and probe baselines' training."})
-    fasttext_epoch: int = field(default=5, metadata={"help": "fastText training epochs."})
-    fasttext_lr: float = field(default=0.1, metadata={"help": "fastText learning rate."})
+    # fastText's own defaults (5 epochs, lr 0.1) are for millions of rows; a labelled file of hundreds or thousands
+    # of rows needs more passes, as fastText's tutorial suggests for small sets.
+    fasttext_epoch: int = field(default=25, metadata={"help": "fastText training epochs."})
+    fasttext_lr: float = field(default=0.5, metadata={"help": "fastText learning rate."})
     fasttext_word_ngrams: int = field(
         default=2, metadata={"help": "Longest word n-gram fastText reads (2, as in DCLM's classifier)."})
     fasttext_dim: int = field(default=100, metadata={"help": "fastText embedding size."})
