@@ -8,6 +8,11 @@ mean-pooled hidden states. Prints the AUROC of every score for separating good f
 when the file has a ``corruption`` column, the precision (share of good rows) of each run's selected rows, and each
 method's scoring throughput (rows/s).
 
+--holdout_kinds K1,K2 (or all) asks whether each method detects a corruption it never saw: for each kind, routers
+(trained with --router_recipe) and the supervised baselines are trained on --baseline_train_file without that kind's
+rows (the file needs a ``corruption`` column) and measured on the good rows and that kind's rows of --data_file.
+Perplexity and IFD are zero-shot, so their held-out-kind AUROC is the one above.
+
     make demo                # chat rows: trains outputs/router, writes data/heldout_chat.jsonl
     python benchmarks/bench_select_quality.py --router_model outputs/router --data_file data/heldout_chat.jsonl \
         --messages_field messages --baseline_train_file data/router.jsonl --json
@@ -43,12 +48,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=int, default=None, help="Rows per forward pass (select_data's default).")
     parser.add_argument("--baseline_train_file", default=None,
                         help="Labelled rows (the router's training file) for the fasttext and probe baselines.")
+    parser.add_argument("--holdout_kinds", default=None,
+                        help="Corruption kinds (comma-separated, or all) each left out of training in turn.")
+    parser.add_argument("--router_recipe", default=None,
+                        help="train_router.py recipe the held-out-kind routers are trained with.")
+    parser.add_argument("--router_args", default="",
+                        help="More train_router.py arguments for those routers (e.g. '--max_steps 20').")
     parser.add_argument("--output_dir", default="outputs/select_quality")
     parser.add_argument("--json", action="store_true", help="Print a JSON object as the last line.")
     args = parser.parse_args(argv)
 
     import select_data
     from lib.core.data import check_fields, load_rows, parse_label
+    from lib.core.errors import UserError
     from lib.selection.scores import auroc
 
     # Every label is checked before anything is scored, so a bad row costs seconds, not two scoring runs.
@@ -60,16 +72,22 @@ def main(argv=None) -> dict:
     for i, value in enumerate(ds[args.label_field]):
         parse_label(value, args.data_file, i, args.label_field)
 
-    def run(score: str) -> tuple[list[dict], list[dict], float | None]:
-        out = os.path.join(args.output_dir, score)
-        argv = ["--router_model", args.router_model, "--data_file", args.data_file, "--text_field", args.text_field,
-                "--output_dir", out, "--score", score, "--select_ratio", str(args.select_ratio),
+    if args.holdout_kinds and not (args.router_recipe and args.baseline_train_file):
+        raise UserError("--holdout_kinds trains routers and baselines without each kind: pass --router_recipe and "
+                        "--baseline_train_file too.")
+
+    def run(score: str, router_model: str | None = None, train_file: str | None = None, folder: str | None = None
+            ) -> tuple[list[dict], list[dict], float | None]:
+        out = os.path.join(folder or args.output_dir, score)
+        argv = ["--router_model", router_model or args.router_model, "--data_file", args.data_file, "--text_field",
+                args.text_field, "--output_dir", out, "--score", score, "--select_ratio", str(args.select_ratio),
                 "--overwrite_output_dir", "--disable_tqdm"]
         for flag in ("messages_field", "max_seq_length", "max_samples", "batch_size"):
             if getattr(args, flag):
                 argv += [f"--{flag}", str(getattr(args, flag))]
         if score in ("fasttext", "probe"):
-            argv += ["--baseline_train_file", args.baseline_train_file, "--baseline_label_field", args.label_field]
+            argv += ["--baseline_train_file", train_file or args.baseline_train_file, "--baseline_label_field",
+                     args.label_field]
         summary = select_data.main(argv)
 
         def read(name: str) -> list[dict]:
@@ -123,9 +141,56 @@ def main(argv=None) -> dict:
         speed = result["rows_per_second"][method]
         print(f"  {method:<16}{result['precision_selected'][method]:.3f}   " +
               (f"{speed:.1f} rows/s" if speed else ""))
+    if args.holdout_kinds:
+        result["held_out_kind"] = held_out_kinds(args, run, labels, ppl_rows, auroc)
     if args.json:
         print(json.dumps(result))
     return result
+
+
+def held_out_kinds(args, run, labels: list[int], rows: list[dict], auroc) -> dict:
+    """For each kind: routers and baselines trained without it, AUROC on the good rows and that kind's rows."""
+    import shlex
+
+    import train_router
+    from lib.core.data import load_rows
+    from lib.core.errors import DataError
+
+    train = load_rows(args.baseline_train_file)
+    if "corruption" not in train.column_names:
+        raise DataError(f"{args.baseline_train_file} has no 'corruption' column, so no kind can be left out of it.")
+    present = sorted({k for k in train["corruption"] if k})
+    kinds = present if args.holdout_kinds == "all" else [k.strip() for k in args.holdout_kinds.split(",")]
+    unknown = [k for k in kinds if k not in present]
+    if unknown:
+        raise DataError(f"--holdout_kinds {unknown} are not corruptions of {args.baseline_train_file} "
+                        f"(it has {', '.join(present)}).")
+    out: dict = {}
+    print("\nheld-out kinds: AUROC on good rows vs rows of a corruption no training row had")
+    print(f"{'left out':<12}{'quality_score':>15}{'fasttext':>10}{'probe':>8}{'perplexity':>12}"
+          f"{'(seen: router)':>16}")
+    for kind in kinds:
+        folder = os.path.join(args.output_dir, f"without_{kind}")
+        os.makedirs(folder, exist_ok=True)
+        train_file = os.path.join(folder, "train.jsonl")
+        train.filter(lambda r: r["corruption"] != kind).to_json(train_file, lines=True)
+        router = os.path.join(folder, "router")
+        train_router.main([args.router_recipe, "--train_file", train_file, "--output_dir", router,
+                           "--overwrite_output_dir", "--report_to", "none", *shlex.split(args.router_args)])
+        idx = [i for i, r in enumerate(rows) if labels[i] == 1 or r.get("corruption") == kind]
+        scores = {"quality_score": [r["quality_score"] for r in run("quality_score", router, None, folder)[0]]}
+        for method in ("fasttext", "probe"):
+            scores[method] = [r["selection_score"] for r in run(method, None, train_file, folder)[0]]
+        row = {m: auroc([float("nan") if v[i] is None else v[i] for i in idx], [labels[i] for i in idx])
+               for m, v in scores.items()}
+        seen = auroc([float("nan") if rows[i]["quality_score"] is None else rows[i]["quality_score"] for i in idx],
+                     [labels[i] for i in idx])
+        ppl = auroc([float("nan") if rows[i]["selection_score"] is None else rows[i]["selection_score"] for i in idx],
+                    [labels[i] for i in idx])
+        out[kind] = {**row, "perplexity": ppl, "quality_score_seen": seen}
+        print(f"{kind:<12}{row['quality_score']:15.3f}{row['fasttext']:10.3f}{row['probe']:8.3f}{ppl:12.3f}"
+              f"{seen:16.3f}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def pairwise_auroc(scores, labels) -> float:
     return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
 
 
-def test_bench_select_quality_end_to_end(tmp_path, paragraphs):
-    # Chat rows, as the README's command runs it (text rows go through the same code with --text_field).
+def chat_quality_files(tmp_path, paragraphs):
+    """Held-out labelled chat rows (noise and shuffle garbage) and a labelled training file for the baselines."""
     from lib.selection.corruptions import corrupt_messages
 
     rng = random.Random(0)
@@ -147,12 +147,18 @@ def test_bench_select_quality_end_to_end(tmp_path, paragraphs):
                  {"messages": corrupt_messages(messages, chat[10], kind, rng), "label": 0, "corruption": kind}]
     data = write_jsonl(tmp_path / "heldout_chat.jsonl", rows)
     train = []
-    for p in paragraphs[20:40]:
+    for i, p in enumerate(paragraphs[20:40]):
         messages = [{"role": "user", "content": "What does the documentation say here?"},
                     {"role": "assistant", "content": p}]
-        train += [{"messages": messages, "label": 1},
-                  {"messages": corrupt_messages(messages, chat[10], "shuffle", rng), "label": 0}]
-    train_file = write_jsonl(tmp_path / "router_train.jsonl", train)
+        kind = ("noise", "shuffle")[i % 2]
+        train += [{"messages": messages, "label": 1, "corruption": None},
+                  {"messages": corrupt_messages(messages, chat[10], kind, rng), "label": 0, "corruption": kind}]
+    return rows, data, write_jsonl(tmp_path / "router_train.jsonl", train)
+
+
+def test_bench_select_quality_end_to_end(tmp_path, paragraphs):
+    # Chat rows, as the README's command runs it (text rows go through the same code with --text_field).
+    rows, data, train_file = chat_quality_files(tmp_path, paragraphs)
     out = tmp_path / "out"
     result = last_json(bench("bench_select_quality.py", "--router_model", router_checkpoint(tmp_path), "--data_file",
                              data, "--messages_field", "messages", "--output_dir", str(out), "--max_samples", "16",
@@ -187,6 +193,32 @@ def test_bench_select_quality_end_to_end(tmp_path, paragraphs):
         selected = read(score, "selected.jsonl")
         assert len(selected) == round(0.3 * 16)
         assert result["precision_selected"][score] == pytest.approx(sum(r["label"] for r in selected) / len(selected))
+
+
+def test_bench_select_quality_leaves_each_kind_out_of_training(tmp_path, paragraphs):
+    rows, data, train_file = chat_quality_files(tmp_path, paragraphs)
+    recipe = tmp_path / "router.yaml"
+    recipe.write_text("model_name_or_path: builtin:tiny-mixtral\nmessages_field: messages\nlabel_field: label\n"
+                      "max_seq_length: 64\nper_device_train_batch_size: 8\nlearning_rate: 5.0e-3\nmax_steps: 2\n"
+                      "output_dir: unused\nsave_strategy: 'no'\nseed: 0\n")
+    out = tmp_path / "out"
+    result = last_json(bench("bench_select_quality.py", "--router_model", router_checkpoint(tmp_path), "--data_file",
+                             data, "--messages_field", "messages", "--output_dir", str(out), "--max_samples", "16",
+                             "--baseline_train_file", train_file, "--holdout_kinds", "noise", "--router_recipe",
+                             str(recipe), "--json"))
+    assert set(result["held_out_kind"]) == {"noise"}
+    folder = out / "without_noise"
+    with open(folder / "train.jsonl", encoding="utf-8") as f:
+        kinds = [json.loads(line)["corruption"] for line in f]
+    assert "noise" not in kinds and kinds.count("shuffle") == 10 and kinds.count(None) == 20
+    assert os.path.exists(folder / "router" / "router_config.json")
+    labels = [r["label"] for r in rows[:16]]
+    idx = [i for i, r in enumerate(rows[:16]) if r["label"] == 1 or r["corruption"] == "noise"]
+    for method in ("quality_score", "fasttext", "probe"):
+        with open(folder / method / "scored.jsonl", encoding="utf-8") as f:
+            scores = [json.loads(line)["selection_score"] for line in f]
+        assert result["held_out_kind"]["noise"][method] == pytest.approx(
+            pairwise_auroc([scores[i] for i in idx], [labels[i] for i in idx])), method
 
 
 def test_bench_select_quality_refuses_a_bad_label(tmp_path):
