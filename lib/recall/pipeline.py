@@ -153,7 +153,7 @@ def run(argv=None) -> dict:
         times["vectors_s"] = time.time() - start
         say(f"index: {len(index)} entries ({index.kind}), {len(fresh)} embedded now")
 
-        # ---- 3. rows: every entry (new ones, plus rehearsal of as many earlier ones when continuing) -------
+        # ---- 3. rows: every entry (when continuing: the new ones, and --rehearsal_ratio times as many earlier ones) --
         questions, slots, recited, sft = [], [], [], []
         if data_args.qa_file:
             from lib.recall.training import load_qa_rows, qa_slots
@@ -174,7 +174,8 @@ def run(argv=None) -> dict:
         if continuing:
             rng = random.Random(args.seed)
             rest = [i for i in train_entries if i not in fresh_rows]
-            train_entries = sorted(fresh + rng.sample(rest, min(len(rest), max(len(fresh), 1))))
+            rehearsed = min(len(rest), max(1, round(recall_args.rehearsal_ratio * len(fresh))))
+            train_entries = sorted(fresh + rng.sample(rest, rehearsed))
             chosen = [j for j, s in enumerate(slots) if any(r in fresh_rows for r in s)]  # questions the news touch
             questions, slots, recited = ([questions[j] for j in chosen], [slots[j] for j in chosen],
                                          [recited[j] for j in chosen])
