@@ -343,6 +343,7 @@ def test_rerun_extracts_only_new_conversations_and_a_crash_keeps_the_previous_ru
     assert len(json.load(open(out / "state.json"))["conversations"]) == len(conversations)
     new, total = second["counts"]["embedded"], second["counts"]["entries"]
     assert new > 0 and second["counts"]["train_entries"] == new + min(total - new, 4 * new)  # --rehearsal_ratio 4
+    assert second["settings"]["learning_rate"] == pytest.approx(first["settings"]["learning_rate"] / 4)
     # Nothing new: nothing is read or trained, and the model stays as it was.
     adapter = open(out / "adapter_model.safetensors", "rb").read()
     third = run_recall(tmp_path, out, "--chat_logs", str(logs), "--check_grounding", "false")

@@ -222,6 +222,7 @@ def run(argv=None) -> dict:
         start = time.time()
         if continuing:
             model, tokenizer = load_recall_model(out, model_args=model_args, trainable=True)
+            args.learning_rate *= recall_args.rerun_learning_rate_scale  # new entries without forgetting the rest
         else:
             model = build_recall_model(base, tokenizer, recall_config)
         train_ds = rows_for(train_entries, range(len(questions)))
@@ -251,6 +252,7 @@ def run(argv=None) -> dict:
             "continued_from_previous": continuing, "index": index.kind, "times": times,
             "settings": {"top_k": recall_args.top_k, "vector_layer": recall_args.vector_layer,
                          "k_folds": recall_args.k_folds, "base_model": model_args.model_name_or_path,
+                         "learning_rate": args.learning_rate,
                          "extractor_model": recall_args.extractor_model or model_args.model_name_or_path},
             "final_loss": {k: v for h in (trainer.state.log_history if trainer else []) for k, v in h.items()
                            if k.startswith("loss/")},
