@@ -48,9 +48,13 @@ def _skip_reason_messages(value: Any) -> str | None:
     return None if any(m["content"].strip() for m in value) else "empty"
 
 
+def _skip_reasons(values: list, chat: bool) -> list[str | None]:
+    return [(_skip_reason_messages if chat else _skip_reason_text)(v) for v in values]
+
+
 def row_texts(values: list, tokenizer, *, chat: bool) -> tuple[list[str | None], list[str | None]]:
     """Each row as the text the scores read (chat rows through the chat template), or None with a skip reason."""
-    reasons = [(_skip_reason_messages if chat else _skip_reason_text)(v) for v in values]
+    reasons = _skip_reasons(values, chat)
     texts = [None if r is not None else render_messages(tokenizer, v) if chat else v
              for v, r in zip(values, reasons, strict=True)]
     return texts, reasons
@@ -60,13 +64,17 @@ def prepare_rows(values: list, tokenizer, *, chat: bool, max_len: int, ifd: bool
                  assistant_only: bool = False) -> list[PreparedRow]:
     """Validate, render and tokenise one shard's rows. Bad rows get a ``skip_reason`` instead of an error.
     With ``assistant_only`` (chat rows), each row's targets are its assistant turns' tokens."""
-    reasons = [(_skip_reason_messages if chat else _skip_reason_text)(v) for v in values]
+    if ifd:
+        return [PreparedRow(None, skip_reason=r) if r is not None else _prepare_ifd(v, tokenizer, max_len)
+                for v, r in zip(values, _skip_reasons(values, chat), strict=True)]
+    texts, reasons = row_texts(values, tokenizer, chat=chat)
     rows = [PreparedRow(None, skip_reason=r) for r in reasons]
-    live = [i for i, r in enumerate(reasons) if r is None]
-    if assistant_only and not ifd:
-        texts = [render_messages(tokenizer, values[i]) for i in live]
-        spans = [assistant_spans(tokenizer, values[i], text) for i, text in zip(live, texts)]
-        ids, masks = encode_with_spans(tokenizer, texts, spans, max_len + 1) if texts else ([], [])
+    live = [i for i, text in enumerate(texts) if text is not None]
+    if not live:
+        return rows
+    if assistant_only:
+        spans = [assistant_spans(tokenizer, values[i], texts[i]) for i in live]
+        ids, masks = encode_with_spans(tokenizer, [texts[i] for i in live], spans, max_len + 1)
         for i, row_ids, mask in zip(live, ids, masks, strict=True):
             cut = len(row_ids) > max_len
             row_ids, mask = row_ids[:max_len], mask[:max_len]
@@ -74,14 +82,9 @@ def prepare_rows(values: list, tokenizer, *, chat: bool, max_len: int, ifd: bool
                        PreparedRow(None, truncated=cut, skip_reason="no assistant tokens" + (
                            " within max_seq_length" if cut else "")))
         return rows
-    if not ifd:
-        texts = [render_messages(tokenizer, values[i]) if chat else values[i] for i in live]
-        ids, truncated = _encode(tokenizer, texts, max_len) if texts else ([], [])
-        for i, row_ids, cut in zip(live, ids, truncated, strict=True):
-            rows[i] = PreparedRow(Item(row_ids), truncated=cut)
-        return rows
-    for i in live:
-        rows[i] = _prepare_ifd(values[i], tokenizer, max_len)
+    ids, truncated = _encode(tokenizer, [texts[i] for i in live], max_len)
+    for i, row_ids, cut in zip(live, ids, truncated, strict=True):
+        rows[i] = PreparedRow(Item(row_ids), truncated=cut)
     return rows
 
 
