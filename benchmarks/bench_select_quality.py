@@ -61,7 +61,6 @@ def main(argv=None) -> dict:
     import select_data
     from lib.core.data import check_fields, load_rows, parse_label
     from lib.core.errors import UserError
-    from lib.selection.scores import auroc
 
     # Every label is checked before anything is scored, so a bad row costs seconds, not two scoring runs.
     ds = load_rows(args.data_file)
@@ -113,11 +112,8 @@ def main(argv=None) -> dict:
     def precision(selected: list[dict]) -> float:
         return sum(label(r) for r in selected) / max(1, len(selected))
 
-    def nan_none(values):
-        return [float("nan") if v is None else v for v in values]
-
     result = {"rows": len(labels), "good": sum(labels), "select_ratio": args.select_ratio,
-              "auroc": {name: auroc(nan_none(v), labels) for name, v in columns.items()},
+              "auroc": {name: auroc_on(v, labels) for name, v in columns.items()},
               "precision_selected": {method: precision(runs[method][1]) for method in methods},
               "rows_per_second": {method: runs[method][2] for method in methods},
               "base_rate": sum(labels) / len(labels)}
@@ -132,7 +128,7 @@ def main(argv=None) -> dict:
         print(f"\n{'corruption':<12}" + "".join(f"{n:>17}" for n in columns))
         for kind in kinds:
             idx = good + [i for i, r in enumerate(ppl_rows) if r.get("corruption") == kind]
-            row = {n: auroc(nan_none([v[i] for i in idx]), [labels[i] for i in idx]) for n, v in columns.items()}
+            row = {n: auroc_on(v, labels, idx) for n, v in columns.items()}
             result["auroc_by_corruption"][kind] = row
             print(f"{kind:<12}" + "".join(f"{row[n]:17.3f}" for n in columns))
     print(f"\nprecision of the selected {args.select_ratio:.0%} (share of good rows; base rate "
@@ -142,13 +138,21 @@ def main(argv=None) -> dict:
         print(f"  {method:<16}{result['precision_selected'][method]:.3f}   " +
               (f"{speed:.1f} rows/s" if speed else ""))
     if args.holdout_kinds:
-        result["held_out_kind"] = held_out_kinds(args, run, labels, ppl_rows, auroc)
+        result["held_out_kind"] = held_out_kinds(args, run, labels, ppl_rows)
     if args.json:
         print(json.dumps(result))
     return result
 
 
-def held_out_kinds(args, run, labels: list[int], rows: list[dict], auroc) -> dict:
+def auroc_on(values: list, labels: list[int], rows: list[int] | None = None) -> float:
+    """AUROC of ``values`` (None: unscored) for ``labels``, over ``rows`` (default: all)."""
+    from lib.selection.scores import auroc
+
+    rows = range(len(labels)) if rows is None else rows
+    return auroc([float("nan") if values[i] is None else values[i] for i in rows], [labels[i] for i in rows])
+
+
+def held_out_kinds(args, run, labels: list[int], rows: list[dict]) -> dict:
     """For each kind: routers and baselines trained without it, AUROC on the good rows and that kind's rows."""
     import shlex
 
@@ -181,12 +185,9 @@ def held_out_kinds(args, run, labels: list[int], rows: list[dict], auroc) -> dic
         scores = {"quality_score": [r["quality_score"] for r in run("quality_score", router, None, folder)[0]]}
         for method in ("fasttext", "probe"):
             scores[method] = [r["selection_score"] for r in run(method, None, train_file, folder)[0]]
-        row = {m: auroc([float("nan") if v[i] is None else v[i] for i in idx], [labels[i] for i in idx])
-               for m, v in scores.items()}
-        seen = auroc([float("nan") if rows[i]["quality_score"] is None else rows[i]["quality_score"] for i in idx],
-                     [labels[i] for i in idx])
-        ppl = auroc([float("nan") if rows[i]["selection_score"] is None else rows[i]["selection_score"] for i in idx],
-                    [labels[i] for i in idx])
+        row = {m: auroc_on(v, labels, idx) for m, v in scores.items()}
+        seen = auroc_on([r["quality_score"] for r in rows], labels, idx)
+        ppl = auroc_on([r["selection_score"] for r in rows], labels, idx)
         out[kind] = {**row, "perplexity": ppl, "quality_score_seen": seen}
         print(f"{kind:<12}{row['quality_score']:15.3f}{row['fasttext']:10.3f}{row['probe']:8.3f}{ppl:12.3f}"
               f"{seen:16.3f}", flush=True)
