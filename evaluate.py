@@ -22,7 +22,6 @@ the base model and the base model with the gold entry in the prompt, plus gate h
         --tasks arc_easy,piqa --limit 150 --output_dir outputs/memory/eval
 """
 
-import contextlib
 import os
 import sys
 
@@ -199,15 +198,19 @@ def evaluate_recall_model(args, model_args, names, manager, source, pack_notes) 
     out: dict = {"recall_model": os.path.abspath(args.recall_model)}
     markdown = ""
     if names:
+        from lib.models.loading import load_model_and_tokenizer
+        from lib.recall.model import plain_language_model
+
         runs = {}
-        peft_model = assistant.model.model
         for name in ("base", "recall"):
             print(f"evaluating {name} on {', '.join(names)}", flush=True)
-            with peft_model.disable_adapter() if name == "base" else contextlib.nullcontext():
-                # The LoRA layers live inside the base model's modules: lm-eval sees an ordinary transformers model.
-                runs[name] = run_lm_eval(peft_model.get_base_model(), assistant.tokenizer, names, manager,
-                                         limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                                         seed=args.seed)
+            # Plain transformers models for lm-eval: the base model as it was loaded (its own vocabulary), and a copy
+            # of the recall model with its LoRA and <recall> row merged in.
+            model, tokenizer = (load_model_and_tokenizer(model_args) if name == "base" else
+                                (plain_language_model(assistant.model), assistant.tokenizer))
+            runs[name] = run_lm_eval(model.to(device).eval(), tokenizer, names, manager, limit=args.limit,
+                                     num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
+            del model
             evaluated = set().union(*(r.get("results", {}).keys() for r in runs.values()))
             table = write_results(args.output_dir, runs, args=args, model_name=model_args.model_name_or_path,
                                   task_source=source, device=device,

@@ -148,45 +148,6 @@ def test_a_second_run_at_once_is_refused_and_a_stale_lock_is_taken_over(tmp_path
         assert open(path).read() == str(os.getpid())
 
 
-# ---- the <recall> model ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny():
-    from lib.models.loading import load_model, load_tokenizer
-
-    return load_model(TINY), load_tokenizer(TINY)
-
-
-def test_recall_token_row_starts_at_the_mean_and_slots_read_the_projected_vectors(tiny):
-    import copy
-
-    from lib.recall.model import RecallConfig, build_recall_model
-
-    base, tokenizer = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
-    mean = base.get_input_embeddings().weight.mean(0).clone()
-    cfg = RecallConfig(base_model=TINY, vector_dim=8, hidden_size=base.config.hidden_size)
-    model = build_recall_model(base, tokenizer, cfg)
-    rid = model.recall_token_id
-    assert tokenizer.convert_ids_to_tokens(rid) == "<recall>"
-    row = model.model.get_input_embeddings()(torch.tensor([[rid]]))[0, 0]
-    torch.testing.assert_close(row, mean)
-    # Only LoRA, the token row and the projector train.
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n or "trainable_tokens" in n or n.startswith("projector.") for n in trainable)
-    assert any("trainable_tokens" in n for n in trainable)
-    ids = torch.tensor([[5, rid, 6, rid], [rid, 7, 8, 9]])
-    vectors = torch.randn(2, 2, 8)
-    embeds = model.embed(ids, vectors)
-    plain = model.model.get_input_embeddings()(ids)
-    proj = model.projector(vectors)
-    torch.testing.assert_close(embeds[0, 1], plain[0, 1] + proj[0, 0])
-    torch.testing.assert_close(embeds[0, 3], plain[0, 3] + proj[0, 1])
-    torch.testing.assert_close(embeds[1, 0], plain[1, 0] + proj[1, 0])
-    torch.testing.assert_close(embeds[:, 2], plain[:, 2])
-    with pytest.raises(UserError, match="one vector per slot"):
-        model.embed(ids, vectors[:, :1])
-
-
 # ---- the whole pipeline on a tiny model -----------------------------------------------------------------
 
 def run_recall(_, out, *extra):

@@ -149,6 +149,15 @@ class RecallModel(nn.Module):
         self.recall_config.save(folder)
 
 
+def plain_language_model(model: RecallModel):
+    """The recall model without memory slots as an ordinary transformers model: a copy with the LoRA and the trained
+    ``<recall>`` row merged in. What lm-eval needs: it re-ties the embeddings (``tie_weights``), which fails on PEFT's
+    trainable-token wrapper around a tied embedding (SmolLM2 ties them)."""
+    import copy
+
+    return copy.deepcopy(model.model).merge_and_unload()
+
+
 def build_recall_model(base, tokenizer, recall_config: RecallConfig) -> RecallModel:
     """A fresh recall model on ``base`` (frozen): token added, LoRA + trainable token row, new projector."""
     from peft import LoraConfig, get_peft_model

@@ -1,0 +1,74 @@
+"""The <recall> model itself: the token row, the slots that read projected vectors, and the plain model that lm-eval
+scores (LoRA and the token row merged in, tied embeddings included)."""
+
+import copy
+
+import pytest
+import torch
+
+from lib.core.errors import UserError
+
+TINY = "builtin:tiny-llama"
+
+
+# ---- the <recall> model ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from lib.models.loading import load_model, load_tokenizer
+
+    return load_model(TINY), load_tokenizer(TINY)
+
+
+def test_recall_token_row_starts_at_the_mean_and_slots_read_the_projected_vectors(tiny):
+    from lib.recall.model import RecallConfig, build_recall_model
+
+    base, tokenizer = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    mean = base.get_input_embeddings().weight.mean(0).clone()
+    cfg = RecallConfig(base_model=TINY, vector_dim=8, hidden_size=base.config.hidden_size)
+    model = build_recall_model(base, tokenizer, cfg)
+    rid = model.recall_token_id
+    assert tokenizer.convert_ids_to_tokens(rid) == "<recall>"
+    row = model.model.get_input_embeddings()(torch.tensor([[rid]]))[0, 0]
+    torch.testing.assert_close(row, mean)
+    # Only LoRA, the token row and the projector train.
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "trainable_tokens" in n or n.startswith("projector.") for n in trainable)
+    assert any("trainable_tokens" in n for n in trainable)
+    ids = torch.tensor([[5, rid, 6, rid], [rid, 7, 8, 9]])
+    vectors = torch.randn(2, 2, 8)
+    embeds = model.embed(ids, vectors)
+    plain = model.model.get_input_embeddings()(ids)
+    proj = model.projector(vectors)
+    torch.testing.assert_close(embeds[0, 1], plain[0, 1] + proj[0, 0])
+    torch.testing.assert_close(embeds[0, 3], plain[0, 3] + proj[0, 1])
+    torch.testing.assert_close(embeds[1, 0], plain[1, 0] + proj[1, 0])
+    torch.testing.assert_close(embeds[:, 2], plain[:, 2])
+    with pytest.raises(UserError, match="one vector per slot"):
+        model.embed(ids, vectors[:, :1])
+
+
+def test_the_plain_model_for_lm_eval_equals_the_recall_model_without_slots_and_ties_its_embeddings(tiny):
+    from lm_eval.models.huggingface import HFLM
+
+    from lib.recall.model import RecallConfig, build_recall_model, plain_language_model
+
+    base, tokenizer = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    base.config.tie_word_embeddings = True  # as SmolLM2: lm-eval's tie_weights failed on the wrapped tied embedding
+    base.lm_head.weight = base.get_input_embeddings().weight
+    model = build_recall_model(base, tokenizer, RecallConfig(base_model=TINY, vector_dim=8,
+                                                             hidden_size=base.config.hidden_size))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained state: LoRA B and the <recall> row away from their starting values
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    plain = plain_language_model(model.eval())
+    assert not any("lora_" in n or "trainable_tokens" in n for n, _ in plain.named_parameters())
+    assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
+    ids = torch.tensor([[5, 6, 7, 12], [8, 9, 10, 11]])  # the tied output rows include the trained <recall> row
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    HFLM(pretrained=plain, tokenizer=tokenizer, batch_size=2, device="cpu")  # ties the weights again: must not fail
+    assert any("lora_" in n for n, _ in model.named_parameters())  # the recall model itself is untouched
