@@ -106,7 +106,8 @@ def main(argv=None) -> dict:
             print(f"evaluating {name}: {model_args.model_name_or_path}" + (f" + {adapter}" if adapter else ""),
                   flush=True)
             runs[name] = run_lm_eval(model, tokenizer, names, manager, limit=args.limit,
-                                     num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
+                                     num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed,
+                                     log_samples=args.log_samples)
             # ---- results so far (a crash in the next run loses nothing) ---------------------------------
             evaluated = set().union(*(r.get("results", {}).keys() for r in runs.values()))
             split_notes = {t: n for t, n in pack_notes.items() if t in evaluated and n["substituted"]}
@@ -168,7 +169,8 @@ def evaluate_memory_model(args, names, manager, source, pack_notes) -> dict:
             with context:
                 # The hooked backbone is the memory model; lm-eval sees an ordinary transformers model.
                 runs[name] = run_lm_eval(memory.backbone, tokenizer, names, manager, limit=args.limit,
-                                         num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
+                                         num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed,
+                                         log_samples=args.log_samples)
             evaluated = set().union(*(r.get("results", {}).keys() for r in runs.values()))
             table = write_results(args.output_dir, runs, args=args, model_name=memory.memory_config.base_model,
                                   task_source=source, device=device,
@@ -209,7 +211,8 @@ def evaluate_recall_model(args, model_args, names, manager, source, pack_notes) 
             model, tokenizer = (load_model_and_tokenizer(model_args) if name == "base" else
                                 (plain_language_model(assistant.model), assistant.tokenizer))
             runs[name] = run_lm_eval(model.to(device).eval(), tokenizer, names, manager, limit=args.limit,
-                                     num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
+                                     num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed,
+                                     log_samples=args.log_samples)
             del model
             evaluated = set().union(*(r.get("results", {}).keys() for r in runs.values()))
             table = write_results(args.output_dir, runs, args=args, model_name=model_args.model_name_or_path,

@@ -14,7 +14,7 @@ import pretrain_encoder
 import select_data
 import train_router
 import train_target
-from lib.core.errors import run_main
+from lib.core.errors import DataError, run_main
 from lib.models.builtin import resolve_model_path
 from tests.conftest import ROOT, write_jsonl
 from tests.test_encoder import query_files, tools_file
@@ -284,3 +284,18 @@ def test_caches_follow_the_weights_not_the_name(tmp_path, monkeypatch):
     save_file(tensors, os.path.join(ckpt, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(Exception, match="different model"):
         select_data.main([*select_argv, "--resume"])
+
+
+def test_task_file_rows_are_prompted_all_or_none(tmp_path):
+    from lib.eval.task_file import task_file_yaml
+
+    row = {"question": "Pick beta.", "choices": ["alpha", "beta"], "answer": 1}
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [row, {**row, "prompt": "Say beta:"}])
+    with pytest.raises(DataError, match="1 of 2 rows have a 'prompt'; give every row one or none"):
+        task_file_yaml(mixed, str(tmp_path))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**row, "prompt": 3}])
+    with pytest.raises(DataError, match="line 1: 'prompt' must be a string"):
+        task_file_yaml(bad, str(tmp_path))
+    prompted = write_jsonl(tmp_path / "prompted.jsonl", [{**row, "prompt": "Say beta:"}])
+    name = task_file_yaml(prompted, str(tmp_path))
+    assert 'doc_to_text: "{{prompt}}"' in (tmp_path / f"{name}.yaml").read_text()

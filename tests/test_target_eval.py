@@ -183,9 +183,17 @@ def test_evaluate_tuned_vs_base_task_file_and_bad_inputs(tmp_path, paragraphs):
     qs.append({"question": "Pick beta.", "choices": ["alpha", "beta"], "answer": "beta"})
     task_file = write_jsonl(tmp_path / "mine.jsonl", qs)
     report = evaluate.main(["--model_name_or_path", BASE, "--adapter", out, "--task_file", task_file,
-                            "--task_source", "pack", "--output_dir", str(tmp_path / "ev")])
+                            "--task_source", "pack", "--log_samples", "--output_dir", str(tmp_path / "ev")])
     assert set(report["runs"]) == {"base", "tuned"}
     assert report["runs"]["tuned"]["n-samples"]["custom_mine"]["effective"] == 7
+    # --log_samples: every question's score in each run, averaging to the reported accuracy.
+    with open(tmp_path / "ev" / "samples.jsonl") as f:
+        samples = [json.loads(line) for line in f]
+    for run in ("base", "tuned"):
+        mine = [s for s in samples if s["run"] == run]
+        assert [s["doc_id"] for s in mine] == list(range(7)) and {s["acc"] for s in mine} <= {0.0, 1.0}
+        acc = report["runs"][run]["results"]["custom_mine"]["acc,none"]
+        assert sum(s["acc"] for s in mine) / 7 == pytest.approx(acc)
     table = open(tmp_path / "ev" / "results.md").read()
     assert "| custom_mine | acc |" in table and "delta" in table
     cases = [

@@ -29,6 +29,9 @@ class EvaluateArguments:
     )
     skip_base: bool = field(default=False, metadata={"help": "With --adapter, evaluate only the tuned model."})
     seed: int = field(default=1234, metadata={"help": "lm-eval's random seeds (few-shot sampling)."})
+    log_samples: bool = field(default=False, metadata={
+        "help": "Also write samples.jsonl: each question's score in each run (run, task, doc_id, acc, acc_norm), "
+                "for paired comparisons between runs."})
     memory_model: str | None = field(default=None, metadata={
         "help": "Output folder of an explicit-memory stage: measure it on --qa_file (and --tasks with its bank)."})
     memory_bank: str | None = field(default=None, metadata={"help": "Bank for --memory_model (default: its own)."})

