@@ -38,7 +38,7 @@ demo: setup
 	$(BIN)/python evaluate.py --model_name_or_path builtin:smollm2-135m-instruct --adapter outputs/target --tasks arc_easy,piqa --limit 150 --output_dir outputs/eval
 	@echo ""
 	@echo "artefacts:"
-	@echo "  data            data/{router,heldout_chat,candidates,target_heldout}.jsonl"
+	@echo "  data            data/{router,heldout_chat,candidates,target_heldout,indist_mc}.jsonl"
 	@echo "  routers         outputs/router (router_config.json, model card, metrics.jsonl)"
 	@echo "  selection       outputs/selected/{scored,selected}.jsonl, summary.json, scores.png"
 	@echo "  LoRA adapter    outputs/target (adapter_model.safetensors, model card)"

@@ -262,6 +262,54 @@ def test_selection_effect_subsets():
         subsets([{"selection_score": None}], 0.3, seed=0)
 
 
+def test_selection_effect_standard_errors_count_questions_and_seeds():
+    from benchmarks.bench_selection_effect import mean_se
+
+    # One seed: the usual standard error of a mean (sample variance).
+    mean, se = mean_se([[1, 0, 1, 1]])
+    assert mean == 0.75 and se == pytest.approx((0.25 / 4) ** 0.5)
+    # Two seeds: per-question means [1, 0.5, 0.5, 0] (variance 1/6) and per-seed means [0.75, 0.25] (variance 1/8).
+    mean, se = mean_se([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert mean == 0.5 and se == pytest.approx((1 / 6 / 4 + 1 / 8 / 2) ** 0.5)
+    # Differences are paired by seed and question: equal scores differ by exactly 0 ± 0.
+    assert mean_se([[1, 0, 1], [0, 0, 1]], [[1, 0, 1], [0, 0, 1]]) == (0.0, 0.0)
+    mean, se = mean_se([[1, 1, 1, 1]], [[1, 0, 1, 0]])
+    assert mean == 0.5 and se == pytest.approx((1 / 3 / 4) ** 0.5)
+
+
+def test_selection_effect_trains_every_subset_per_seed_and_scores_in_distribution_questions(tmp_path):
+    from benchmarks.bench_selection_effect import chat_questions
+    from lib.models.loading import load_tokenizer
+    from lib.selection.pools import build_instruction_pools
+
+    pools = build_instruction_pools(4, 2, 20, 4, seed=0, mc_rows=6)
+    scored = write_jsonl(tmp_path / "scored.jsonl", [{**r, "selection_score": float(r["label"]) + 0.01 * i}
+                                                      for i, r in enumerate(pools["candidates"])])
+    mc = write_jsonl(tmp_path / "mc.jsonl", pools["mc"])
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", pools["target_heldout"])
+    # The chat form: the question in the chat template, the replies' opening in the prompt, the rest as choices.
+    asked = chat_questions(pools["mc"][:1], load_tokenizer("builtin:tiny-llama"))[0]
+    reply = pools["mc"][0]["chat"]["replies"][pools["mc"][0]["answer"]]
+    assert asked["prompt"].endswith("The answer is") and pools["mc"][0]["chat"]["user"] in asked["prompt"]
+    assert "The answer is " + asked["choices"][asked["answer"]] == reply
+    report = last_json(bench("bench_selection_effect.py", "--scored", scored, "--model", "builtin:tiny-llama",
+                             "--heldout", heldout, "--task_file", mc, "--tasks", "", "--seeds", "0,1",
+                             "--max_steps", "1", "--output_dir", str(tmp_path / "out"), "--json", timeout=600))
+    assert report["indist_questions"] == 6 and report["seeds"] == [0, 1]
+    for name in ("top", "random", "bottom"):
+        assert [r["seed"] for r in report[name]["per_seed"]] == [0, 1] and report[name]["rows"] == 6
+        assert report[name]["steps"] == 1 and 0 <= report["indist"][name] <= 1
+    # The top subset is the clean rows (scored highest here), the bottom the corrupted ones.
+    assert report["top"]["clean_share"] == 1 and report["bottom"]["clean_share"] == 0
+    # The reported difference is the difference of the reported means.
+    top_random = report["differences"]["top-random"]
+    assert top_random["in-dist"][0] == pytest.approx(report["indist"]["top"] - report["indist"]["random"])
+    assert top_random["heldout_loss"][0] == pytest.approx(report["top"]["heldout_loss"]
+                                                          - report["random"]["heldout_loss"])
+    samples = [json.loads(line) for line in open(tmp_path / "out" / "top-seed1" / "eval0" / "samples.jsonl")]
+    assert [s["doc_id"] for s in samples] == list(range(6))
+
+
 # ---- bench_memory_gate.py ----------------------------------------------------------------------------
 
 

@@ -143,8 +143,9 @@ def test_shipped_recipes_parse(recipe):
 def test_instruction_pools_are_disjoint_real_conversations():
     from lib.selection.pools import build_instruction_pools
 
-    pools = build_instruction_pools(40, 20, 40, 10, seed=0)
+    pools = build_instruction_pools(40, 20, 40, 10, seed=0, mc_rows=30)
     assert [len(pools[k]) for k in ("router", "heldout", "candidates", "target_heldout")] == [40, 20, 40, 10]
+    mc = pools.pop("mc")
     questions = {}
     for name, rows in pools.items():
         assert sum(r["label"] == 0 for r in rows) == (0 if name == "target_heldout" else len(rows) // 2)
@@ -159,3 +160,9 @@ def test_instruction_pools_are_disjoint_real_conversations():
     bad = [r for r in pools["candidates"] if r["label"] == 0]
     good = {r["messages"][1]["content"] for r in pools["candidates"] if r["label"] == 1}
     assert all(r["messages"][1]["content"] not in good for r in bad if r["corruption"] != "mismatch")
+    # The multiple-choice questions come from the same sources, a third each, and from no conversation of any file.
+    assert len(mc) == 30 and sorted({q["source"] for q in mc}) == ["commonsense_qa", "sciq", "social_i_qa"]
+    assert all(sum(q["source"] == s for q in mc) == 10 for s in ("sciq", "commonsense_qa", "social_i_qa"))
+    assert all(0 <= q["answer"] < len(q["choices"]) and len(set(q["choices"])) > 1 for q in mc)
+    asked = [r["messages"][0]["content"] for rows in pools.values() for r in rows]
+    assert not any(q["question"] in text for q in mc for text in asked)

