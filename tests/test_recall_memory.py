@@ -95,11 +95,16 @@ def test_training_questions_read_their_gold_memory_and_recite_it_before_answerin
     questions = [{"user_id": "u1", "question": "What is my dog called?", "answer": "Rex",
                   "memory": "The user's dog is called Rex."},
                  {"user_id": "u1", "question": "Where do I live?", "answer": "Brovik"},       # no gold text given
+                 {"user_id": "u1", "question": "Where do I live?", "answer": "Brovik"},       # ... and not retrieved
+                 {"user_id": "u2", "question": "Where do I live?", "answer": "Brovik"},       # another user's fact
                  {"user_id": "u1", "question": "What car do I drive?", "answer": "unknown"}]
-    hits = [[(0.9, 1), (0.8, 2)], [(0.9, 1), (0.5, 0)], [(0.7, 2), (0.6, 0)]]
+    hits = [[(0.9, 1), (0.8, 2)], [(0.9, 1), (0.5, 0)], [(0.9, 2), (0.5, 0)], [(0.9, 3)], [(0.7, 2), (0.6, 0)]]
     slots, recited = qa_slots(questions, hits, entries)
-    assert slots == [[1, 0], [1, 0], [2, 0]]  # retrieval missed the gold entry: it takes the last slot
-    assert recited == ["The user's dog is called Rex.", "The user lives in Brovik.", None]
+    # Retrieval missed the entry the answer comes from (the gold one, else one of the user's that holds the answer):
+    # it takes the last slot. Nothing of the user holds it: nothing to recite.
+    assert slots == [[1, 0], [1, 0], [2, 1], [3], [2, 0]]
+    assert recited == ["The user's dog is called Rex.", "The user lives in Brovik.", "The user lives in Brovik.",
+                       None, None]
     target = recited_answer(recited[0], "Rex")
     assert target == "The user's dog is called Rex.\nAnswer: Rex" and final_answer(target) == "Rex"
     assert final_answer(recited_answer(None, "unknown")) == "unknown" and final_answer(" Rex ") == "Rex"

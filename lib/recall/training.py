@@ -23,20 +23,27 @@ def qa_slots(questions: list[dict], hits: list[list[tuple[float, int]]], entries
              ) -> tuple[list[list[int]], list[str | None]]:
     """The entry rows each training question reads, and the entry text its answer recites.
 
-    The rows are the retrieved ones, with the gold entry (``memory`` equal to an entry text of the same user) put
-    in place of the last one when retrieval missed it, so the model learns to read the right memory rather than to
-    guess. The recited entry is the gold one, else the first slot whose text holds the answer; None (nothing to
-    recite: the answer is "I have no memory of that", then "unknown") when no slot holds it."""
+    The rows are the retrieved ones, with the entry the answer comes from put in place of the last one when
+    retrieval missed it, so the model learns to read the right memory rather than to guess or to refuse. That entry
+    is the gold one (``memory`` equal to an entry text of the same user), else an entry of the user whose text holds
+    the answer (extracted entries are worded otherwise than the gold text), a retrieved one first. It is the recited
+    entry; None (nothing to recite: the answer is "I have no memory of that", then "unknown") when no entry of the
+    user holds the answer."""
     by_text = {(e["user_id"], normalise(e["text"])): i for i, e in enumerate(entries)}
+    by_user: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        by_user.setdefault(str(e["user_id"]), []).append(i)
     slots, recited = [], []
-    for question, rows in zip(questions, hits):
+    for question, rows in zip(questions, hits, strict=True):
         rows = [r for _, r in rows]
-        gold = by_text.get((str(question["user_id"]), normalise(question.get("memory") or "")))
-        if gold is not None and gold not in rows and rows:
-            rows[-1] = gold
+        user = str(question["user_id"])
         answer = normalise(str(question["answer"]))
-        holding = [r for r in rows if answer and f" {answer} " in f" {normalise(entries[r]['text'])} "]
-        source = gold if gold is not None else (holding[0] if holding else None)
+        source = by_text.get((user, normalise(question.get("memory") or "")))
+        if source is None and answer:
+            source = next((r for r in rows + by_user.get(user, [])
+                           if f" {answer} " in f" {normalise(entries[r]['text'])} "), None)
+        if source is not None and source not in rows and rows:
+            rows[-1] = source
         slots.append(rows)
         recited.append(entries[source]["text"] if source is not None else None)
     return slots, recited
@@ -48,7 +55,7 @@ def build_rows(tokenizer, entries: list[dict], entry_rows: list[int], questions:
     """Recall rows for ``entry_rows``, QA rows (recite, then answer) for questions with slots, and instruction rows
     at the mix ratio."""
     rows = [recall_row(tokenizer, i, entries[i]["text"], slot, max_length=max_length) for i in entry_rows]
-    for question, memory_ids, memory in zip(questions, slots, recited):
+    for question, memory_ids, memory in zip(questions, slots, recited, strict=True):
         if memory_ids:
             answer = str(question["answer"]) if memory is not None else UNKNOWN
             rows.append(qa_row(tokenizer, question["question"], recited_answer(memory, answer), memory_ids, slot,
