@@ -96,6 +96,16 @@ class RecallTrainingArguments(FrozenBackboneTrainingArguments):
     eval_strategy: str = field(default="no", metadata={"help": "Held-out reconstruction is measured after "
                                                                "training (summary.json)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep memory_ids and task in batches."})
-    group_by_length: bool = field(default=True, metadata={
-        "help": "Batch rows of similar length together: instruction rows are several times longer than memory rows, "
-                "and one in a batch pads every other row to its length."})
+    train_sampling_strategy: str = field(default="group_by_length", metadata={
+        "help": "group_by_length (default): batch rows of similar length together: instruction rows are several times "
+                "longer than memory rows, and one in a batch pads every other row to its length. Or random, "
+                "sequential, batch_rebalance.",
+        "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]})
+    group_by_length: bool | None = field(default=None, metadata={
+        "help": "The older name of --train_sampling_strategy group_by_length (true) or random (false)."})
+
+    def __post_init__(self):
+        # transformers 5 renamed group_by_length to train_sampling_strategy: the old flag still works here.
+        if self.group_by_length is not None:
+            self.train_sampling_strategy = "group_by_length" if self.group_by_length else "random"
+        super().__post_init__()
