@@ -24,6 +24,14 @@ def write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama():
+    """builtin:tiny-llama's model and tokenizer, loaded once: tests that change them work on copies."""
+    from lib.models.loading import load_model, load_tokenizer
+
+    return load_model("builtin:tiny-llama"), load_tokenizer("builtin:tiny-llama")
+
+
+@pytest.fixture(scope="session")
 def paragraphs():
     from lib.selection.pools import pydoc_paragraphs
 

@@ -37,8 +37,8 @@ def test_an_entry_is_kept_only_when_it_is_a_fact_grounded_in_its_message(generat
     assert extraction.parse_entry(generated, message) == expected
 
 
-def test_extraction_prompts_read_once_their_shared_examples_and_generate_the_same(tiny):
-    model, tokenizer = tiny
+def test_extraction_prompts_read_once_their_shared_examples_and_generate_the_same(tiny_llama):
+    model, tokenizer = tiny_llama
     messages = ["my dog Rex is loud", "the weather is nice today, right?", "I live in Brovik, a small town"]
     prompts = [extraction.extraction_prompt(tokenizer, m) for m in messages]
     prefix = extraction.shared_prefix(tokenizer)

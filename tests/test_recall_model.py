@@ -13,17 +13,10 @@ TINY = "builtin:tiny-llama"
 
 # ---- the <recall> model ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny():
-    from lib.models.loading import load_model, load_tokenizer
-
-    return load_model(TINY), load_tokenizer(TINY)
-
-
-def test_recall_token_row_starts_at_the_mean_and_slots_read_the_projected_vectors(tiny):
+def test_recall_token_row_starts_at_the_mean_and_slots_read_the_projected_vectors(tiny_llama):
     from lib.recall.model import RecallConfig, build_recall_model
 
-    base, tokenizer = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    base, tokenizer = copy.deepcopy(tiny_llama[0]), copy.deepcopy(tiny_llama[1])
     mean = base.get_input_embeddings().weight.mean(0).clone()
     cfg = RecallConfig(base_model=TINY, vector_dim=8, hidden_size=base.config.hidden_size)
     model = build_recall_model(base, tokenizer, cfg)
@@ -48,12 +41,12 @@ def test_recall_token_row_starts_at_the_mean_and_slots_read_the_projected_vector
         model.embed(ids, vectors[:, :1])
 
 
-def test_the_plain_model_for_lm_eval_equals_the_recall_model_without_slots_and_ties_its_embeddings(tiny):
+def test_the_plain_model_for_lm_eval_equals_the_recall_model_without_slots_and_ties_its_embeddings(tiny_llama):
     from lm_eval.models.huggingface import HFLM
 
     from lib.recall.model import RecallConfig, build_recall_model, plain_language_model
 
-    base, tokenizer = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    base, tokenizer = copy.deepcopy(tiny_llama[0]), copy.deepcopy(tiny_llama[1])
     base.config.tie_word_embeddings = True  # as SmolLM2: lm-eval's tie_weights failed on the wrapped tied embedding
     base.lm_head.weight = base.get_input_embeddings().weight
     model = build_recall_model(base, tokenizer, RecallConfig(base_model=TINY, vector_dim=8,
@@ -74,7 +67,7 @@ def test_the_plain_model_for_lm_eval_equals_the_recall_model_without_slots_and_t
     assert any("lora_" in n for n, _ in model.named_parameters())  # the recall model itself is untouched
 
 
-def test_recall_training_batches_rows_of_similar_length(tiny, tmp_path):
+def test_recall_training_batches_rows_of_similar_length(tiny_llama, tmp_path):
     """The option was a dead field once transformers 5 renamed group_by_length: every batch padded to its longest
     (instruction) row."""
     import datasets
@@ -87,7 +80,7 @@ def test_recall_training_batches_rows_of_similar_length(tiny, tmp_path):
 
     assert RecallTrainingArguments(output_dir=str(tmp_path)).train_sampling_strategy == "group_by_length"
     assert RecallTrainingArguments(output_dir=str(tmp_path), group_by_length=False).train_sampling_strategy == "random"
-    base, tokenizer = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    base, tokenizer = copy.deepcopy(tiny_llama[0]), copy.deepcopy(tiny_llama[1])
     model = build_recall_model(base, tokenizer, RecallConfig(base_model=TINY, vector_dim=8,
                                                              hidden_size=base.config.hidden_size))
     lengths = [3, 40, 5, 4, 38, 6, 39, 3]
