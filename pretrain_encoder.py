@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
 
     def encode(items, show):
         model, tok = model_and_tokenizer()
-        return embed_texts(model, tok, items, pooling=args.pooling, progress=show)
+        return embed_texts(model, tok, items, pooling=args.pooling, layer=args.embedding_layer, progress=show)
 
     with args.main_process_first(desc="frozen LLM embeddings"):
         weights = weights_fingerprint(model_args.model_name_or_path, model_args.model_revision)
@@ -81,11 +81,11 @@ def main(argv=None) -> dict:
         settings = {"dtype": model_args.dtype, "upcycle": [model_args.upcycle_experts, model_args.upcycle_top_k,
                                                            model_args.upcycle_noise, model_args.upcycle_seed]}
         semantic, hit_tools = cached_tensor(
-            "embeddings", embeddings_cache_key(weights, settings, texts, args.pooling),
+            "embeddings", embeddings_cache_key(weights, settings, texts, args.pooling, args.embedding_layer),
             lambda: encode(texts, lambda i, _: print(f"semantic embedding {i + 1}/{len(tools)}: {names[i]}",
                                                      flush=True)))
         query_emb, hit_queries = cached_tensor("embeddings", embeddings_cache_key(weights, settings, queries,
-                                                                                  args.pooling),
+                                                                                  args.pooling, args.embedding_layer),
                                                lambda: encode(queries, None))
     llm.clear()
     if args.process_index == 0:
@@ -125,7 +125,8 @@ def main(argv=None) -> dict:
     alphas = [h["gate/alpha"] for h in trainer.state.log_history if "gate/alpha" in h]
     summary = {
         "tools": names, "resource_keys": resource_keys, "model": model_args.model_name_or_path,
-        "model_weights": weights, "pooling": args.pooling, "hidden_size": int(semantic.shape[1]),
+        "model_weights": weights, "pooling": args.pooling, "embedding_layer": args.embedding_layer,
+        "hidden_size": int(semantic.shape[1]),
         "d_resource": args.d_resource or int(semantic.shape[1]), "num_attention_heads": args.num_attention_heads,
         "alpha": {"first": alphas[0], "middle": alphas[len(alphas) // 2], "last": alphas[-1]} if alphas else None,
         "step0": step0, "final": final,

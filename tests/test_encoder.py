@@ -214,3 +214,31 @@ def test_example_tool_set_is_valid_and_its_query_files_are_current():
     for split, rows in (("train", train), ("heldout", held)):
         with open(os.path.join(ROOT, "recipes", "tools", f"{split}_queries.jsonl")) as f:
             assert [json.loads(line) for line in f] == rows, f"rerun recipes/tools/make_queries.py ({split})"
+
+
+def test_pooling_options_equal_their_definitions_on_each_text_alone(tiny_llama):
+    from lib.tools.embeddings import PROMPT_TEMPLATE, embed_texts, embeddings_cache_key, pool_hidden
+
+    hidden = torch.tensor([[[1.0], [2.0], [4.0], [9.0]]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert pool_hidden(hidden, mask, "mean").item() == pytest.approx(7 / 3)
+    assert pool_hidden(hidden, mask, "weighted_mean").item() == pytest.approx((1 + 2 * 2 + 3 * 4) / 6)
+    assert pool_hidden(hidden, mask, "last").item() == 4.0
+    model, tokenizer = tiny_llama
+    texts = ["Transcribe this call.", "Find the people named in this long letter from my aunt, please."]
+    for pooling, layer in (("mean", -1), ("weighted_mean", 2), ("last", 1), ("prompt_last", -1), ("prompt_last", 2)):
+        batched = embed_texts(model, tokenizer, texts, pooling=pooling, layer=layer)  # padded together
+        for text, row in zip(texts, batched, strict=True):
+            wrapped = PROMPT_TEMPLATE.format(text=text) if pooling == "prompt_last" else text
+            ids = tokenizer(wrapped, return_tensors="pt")
+            with torch.no_grad():
+                states = model(**ids, output_hidden_states=True).hidden_states[layer][0]
+            weights = torch.arange(1, len(states) + 1, dtype=torch.float32)[:, None]
+            want = {"mean": states.mean(0), "weighted_mean": (states * weights).sum(0) / weights.sum(),
+                    "last": states[-1], "prompt_last": states[-1]}[pooling]
+            torch.testing.assert_close(row, want, atol=1e-4, rtol=1e-4)
+    # Caches keep their earlier keys; a layer or the prompt makes another key.
+    keys = {embeddings_cache_key("w", {}, texts, p, layer) for p, layer in (("mean", -1), ("mean", 2),
+                                                                              ("prompt_last", -1), ("last", -1))}
+    assert len(keys) == 4
+    assert embeddings_cache_key("w", {}, texts, "mean") == embeddings_cache_key("w", {}, texts, "mean", -1)

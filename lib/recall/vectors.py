@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lib.tools.embeddings import PROMPT_TEMPLATE as VECTOR_TEMPLATE
 from lib.tools.embeddings import pool_hidden
-
-VECTOR_TEMPLATE = 'This sentence: "{text}" means in one word: "'
 
 
 @torch.no_grad()

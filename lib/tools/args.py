@@ -18,8 +18,13 @@ class EncoderDataArguments:
 
 @dataclass
 class EncoderTrainingArguments(FrozenBackboneTrainingArguments):
-    pooling: str = field(default="mean", metadata={"help": "How the LLM's hidden states become one vector.",
-                                                   "choices": ["mean", "last"]})
+    pooling: str = field(default="mean", metadata={
+        "help": "How the LLM's hidden states become one vector: mean, weighted_mean (later tokens weigh more), last "
+                "(the last token), prompt_last (the last token of 'This sentence: \"<text>\" means in one word: "
+                "\"', PromptEOL).", "choices": ["mean", "weighted_mean", "last", "prompt_last"]})
+    embedding_layer: int = field(default=-1, metadata={
+        "help": "Read the hidden states after this decoder layer (-1: the last, after the final norm; e.g. the "
+                "middle layer, num_hidden_layers // 2)."})
     d_resource: int | None = field(default=None, metadata={"help": "Width of the resource MLP (null: hidden size)."})
     num_attention_heads: int = field(default=8, metadata={"help": "Heads of the fusion's attention."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout inside the fusion's attention."})

@@ -7,39 +7,59 @@ import json
 
 import torch
 
+# PromptEOL: asking for the text's meaning in one word makes the last token sum the whole text up.
+PROMPT_TEMPLATE = 'This sentence: "{text}" means in one word: "'
+POOLINGS = ("mean", "weighted_mean", "last", "prompt_last")
+
 
 def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Mean over real tokens, or the last real token (right padding)."""
+    """Mean over real tokens; position-weighted mean (weights 1, 2, 3, ...: in a causal model later tokens have
+    read more of the text); or the last real token (right padding)."""
     mask = mask.to(hidden.dtype)
-    if pooling == "mean":
-        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    if pooling in ("mean", "weighted_mean"):
+        weights = mask * mask.cumsum(1) if pooling == "weighted_mean" else mask
+        return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
     last = mask.sum(1).long() - 1
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 @torch.inference_mode()
-def embed_texts(model, tokenizer, texts: list[str], *, pooling: str, batch_size: int = 16, max_length: int = 256,
+def embed_texts(model, tokenizer, texts: list[str], *, pooling: str, layer: int = -1,
+                template: str = PROMPT_TEMPLATE, batch_size: int = 16, max_length: int = 256,
                 progress=None) -> torch.Tensor:
-    """One frozen forward pass per text (batched), pooled last hidden states in fp32."""
+    """One frozen forward pass per text (batched), pooled hidden states in fp32.
+
+    ``pooling``: one of :data:`POOLINGS`; ``prompt_last`` reads the last token of ``template`` around the text.
+    ``layer``: the hidden states after that decoder layer (-1: the last, after the final norm)."""
     device = next(model.parameters()).device
+    if pooling == "prompt_last":
+        texts = [template.format(text=t) for t in texts]
     out = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
                         padding_side="right").to(device)
-        hidden = model.base_model(**enc, use_cache=False)[0].float()
-        out.append(pool_hidden(hidden, enc["attention_mask"], pooling).cpu())
+        if layer == -1:
+            hidden = model.base_model(**enc, use_cache=False)[0]
+        else:
+            hidden = model.base_model(**enc, use_cache=False, output_hidden_states=True).hidden_states[layer]
+        pooled = pool_hidden(hidden.float(), enc["attention_mask"], "last" if pooling == "prompt_last" else pooling)
+        out.append(pooled.cpu())
         if progress is not None:
             for i, text in enumerate(chunk):
                 progress(start + i, text)
     return torch.cat(out)
 
 
-def embeddings_cache_key(weights: str, model_settings: dict, texts: list[str], pooling: str) -> str:
+def embeddings_cache_key(weights: str, model_settings: dict, texts: list[str], pooling: str, layer: int = -1,
+                         template: str = PROMPT_TEMPLATE) -> str:
     """Cache key of a table of embeddings: the model weights' content fingerprint (never its name: a model
-    retrained at the same path must not reuse old embeddings), how it was loaded, the pooling and the texts."""
-    h = hashlib.sha256(json.dumps({"weights": weights, "model": model_settings, "pooling": pooling, "version": 2},
-                                  sort_keys=True, default=str).encode())
+    retrained at the same path must not reuse old embeddings), how it was loaded, the pooling, layer and prompt,
+    and the texts."""
+    how = {"weights": weights, "model": model_settings, "pooling": pooling, "version": 2}
+    if layer != -1 or pooling == "prompt_last":  # keys of the earlier settings stay what they were
+        how.update(layer=layer, template=template if pooling == "prompt_last" else None)
+    h = hashlib.sha256(json.dumps(how, sort_keys=True, default=str).encode())
     for text in texts:
         h.update(b"\x00" + text.encode())
     return h.hexdigest()[:24]
