@@ -21,7 +21,7 @@ from lib.selection.split import ExpertSplit, save_router_config
 from tests.conftest import ROOT, write_jsonl
 
 BENCHMARKS = ["bench_select.py", "bench_router.py", "bench_select_quality.py", "bench_selection_effect.py",
-              "bench_memory_gate.py", "bench_memory.py"]
+              "bench_encoder.py", "bench_memory_gate.py", "bench_memory.py"]
 
 
 def bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -356,3 +356,40 @@ def test_bench_memory_reports_every_condition(tmp_path):
     assert ("memory_over_in_context_ll" in result) == (bound > 0)
     if bound > 0:
         assert result["memory_over_in_context_ll"] == round(test["memory"]["ll_accuracy"] / bound, 3)
+
+
+# ---- bench_encoder.py --------------------------------------------------------------------------------
+
+
+def test_encoder_keyword_baseline_picks_the_named_resource_among_the_nearest_tools():
+    from benchmarks.bench_encoder import keyword_choice
+    from tests.test_encoder import TOOLS, load_tools_from
+
+    tools = load_tools_from(TOOLS)  # 0 fast-asr (50 ms, 0.2 GB), 1 big-asr (2000 ms, 10 GB), 2 ner, 3 translator
+    assert keyword_choice("Transcribe this call quickly.", [1, 0, 2, 3], tools, 2) == 0  # lowest latency
+    assert keyword_choice("Transcribe it on a phone.", [1, 0, 2, 3], tools, 2) == 0      # least memory
+    assert keyword_choice("Transcribe it on a phone.", [1, 2, 0, 3], tools, 2) == 1      # fast-asr is not near
+    assert keyword_choice("Transcribe this call.", [1, 0, 2, 3], tools, 2) == 1          # no resource named
+    assert keyword_choice("Transcribe it accurately.", [1, 0, 2, 3], tools, 2) == 1      # no accuracy field
+
+
+def test_bench_encoder_compares_poolings_the_baseline_and_the_trained_encoder(tmp_path):
+    from tests.test_encoder import query_files, tools_file
+
+    train, held = query_files(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("num_train_epochs: 2\nper_device_train_batch_size: 16\nlearning_rate: 1.0e-2\n"
+                      "report_to: none\nnum_attention_heads: 4\n")
+    report = last_json(bench("bench_encoder.py", "--model", "builtin:tiny-llama", "--tools_file", tools_file(tmp_path),
+                             "--train_file", train, "--validation_file", held, "--poolings", "mean,prompt_last",
+                             "--layers=-1,middle", "--recipe", str(recipe), "--output_dir", str(tmp_path / "o"),
+                             "--json"))
+    assert [(r["pooling"], r["layer"]) for r in report["step0"]] == [("mean", -1), ("mean", 1), ("prompt_last", -1),
+                                                                     ("prompt_last", 1)]
+    best = max(report["step0"], key=lambda r: r["top1"])
+    assert report["keyword_baseline"]["pooling"] == best["pooling"] == report["trained"]["pooling"]
+    for row in [*report["step0"], report["keyword_baseline"], report["trained"]]:
+        assert 0 <= row["top1"] <= row["top3"] <= 1 and 0 <= row["top1_resource"] <= 1
+    # The encoder's own step 0 is the semantic table of the same pooling: the bench's step-0 row.
+    encoder = json.load(open(tmp_path / "o" / "encoder" / "encoder_config.json"))
+    assert encoder["step0"]["eval_top1"] == pytest.approx(best["top1"])

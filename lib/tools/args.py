@@ -18,7 +18,7 @@ class EncoderDataArguments:
 
 @dataclass
 class EncoderTrainingArguments(FrozenBackboneTrainingArguments):
-    pooling: str = field(default="mean", metadata={
+    pooling: str = field(default="prompt_last", metadata={
         "help": "How the LLM's hidden states become one vector: mean, weighted_mean (later tokens weigh more), last "
                 "(the last token), prompt_last (the last token of 'This sentence: \"<text>\" means in one word: "
                 "\"', PromptEOL).", "choices": ["mean", "weighted_mean", "last", "prompt_last"]})
