@@ -6,11 +6,10 @@ resource-dependent ones:
 
 - step 0, pure semantics: the frozen LLM's pooled embeddings of the query and of each tool (cosine around the
   tools' mean, as the encoder scores at step 0), for each pooling and layer asked (--poolings, --layers);
-- a keyword baseline a user could write in ten lines: the semantically nearest tools (best pooling), and when the
+- a keyword baseline a user could write in ten lines: the semantically nearest tools (--pooling), and when the
   query names a resource ("fast", "cheap", "memory", "accurate", ...) the one of the --candidates nearest with the
   best value of that resource;
-- with --recipe, the trained encoder (pretrain_encoder.py with the recipe, at the best pooling): its step-0 and
-  final top-1 / top-3.
+- with --recipe, the trained encoder (pretrain_encoder.py with the recipe, at --pooling): its final top-1 / top-3.
 
     python benchmarks/bench_encoder.py --json
     python benchmarks/bench_encoder.py --recipe recipes/pretrain_encoder_smollm2.yaml --json
@@ -79,6 +78,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--poolings", default="mean,weighted_mean,last,prompt_last")
     parser.add_argument("--layers", default="-1,middle", help="Decoder layers read (-1: the last; 'middle'); write --layers=-1,middle.")
     parser.add_argument("--candidates", type=int, default=2, help="Nearest tools the keyword baseline chooses among.")
+    parser.add_argument("--pooling", default="prompt_last",
+                        help="Pooling of the keyword baseline and the trained encoder (the encoder's default).")
+    parser.add_argument("--embedding_layer", type=int, default=-1, help="Layer of the baseline and the encoder.")
     parser.add_argument("--recipe", default=None, help="Also train the encoder with this pretrain_encoder.py recipe.")
     parser.add_argument("--output_dir", default="outputs/bench_encoder")
     parser.add_argument("--json", action="store_true", help="Print a JSON object as the last line.")
@@ -101,17 +103,17 @@ def main(argv=None) -> dict:
     layers = [middle if v.strip() == "middle" else int(v) for v in args.layers.split(",") if v.strip()]
     report: dict = {"tools_file": args.tools_file, "validation_file": args.validation_file, "queries": len(queries),
                     "resource_queries": sum(resource), "step0": [], "model": args.model}
-    best = None
-    for pooling in [p.strip() for p in args.poolings.split(",") if p.strip()]:
-        for layer in layers:
-            semantic = embed_texts(model, tokenizer, [t.text() for t in tools], pooling=pooling, layer=layer)
-            query_emb = embed_texts(model, tokenizer, queries, pooling=pooling, layer=layer)
-            logits = tool_logits(query_emb, semantic, semantic.mean(0), 1.0)
-            row = {"pooling": pooling, "layer": layer, **topk_scores(logits, target, resource)}
-            report["step0"].append(row)
-            if best is None or row["top1"] > best[0]["top1"]:
-                best = (row, logits)
-    row, logits = best
+    chosen = (args.pooling, args.embedding_layer)
+    settings = [(p.strip(), layer) for p in args.poolings.split(",") if p.strip() for layer in layers]
+    for pooling, layer in settings + ([chosen] if chosen not in settings else []):
+        semantic = embed_texts(model, tokenizer, [t.text() for t in tools], pooling=pooling, layer=layer)
+        query_emb = embed_texts(model, tokenizer, queries, pooling=pooling, layer=layer)
+        scores = tool_logits(query_emb, semantic, semantic.mean(0), 1.0)
+        if (pooling, layer) in settings:
+            report["step0"].append({"pooling": pooling, "layer": layer, **topk_scores(scores, target, resource)})
+        if (pooling, layer) == chosen:
+            logits = scores
+    row = {"pooling": args.pooling, "layer": args.embedding_layer}
     ranked = logits.argsort(dim=-1, descending=True).tolist()
     picks = [keyword_choice(q, r, tools, args.candidates) for q, r in zip(queries, ranked, strict=True)]
     one_hot = torch.nn.functional.one_hot(torch.tensor(picks), len(tools)).float()
