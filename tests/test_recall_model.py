@@ -67,9 +67,9 @@ def test_the_plain_model_for_lm_eval_equals_the_recall_model_without_slots_and_t
     assert any("lora_" in n for n, _ in model.named_parameters())  # the recall model itself is untouched
 
 
-def test_recall_training_batches_rows_of_similar_length(tiny_llama, tmp_path):
-    """The option was a dead field once transformers 5 renamed group_by_length: every batch padded to its longest
-    (instruction) row."""
+def test_recall_training_can_batch_rows_of_similar_length(tiny_llama, tmp_path):
+    """--group_by_length was a dead field once transformers 5 renamed it train_sampling_strategy: asking for it
+    changed nothing."""
     import datasets
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -78,15 +78,17 @@ def test_recall_training_batches_rows_of_similar_length(tiny_llama, tmp_path):
     from lib.recall.model import RecallConfig, build_recall_model
     from lib.recall.trainer import RecallTrainer
 
-    assert RecallTrainingArguments(output_dir=str(tmp_path)).train_sampling_strategy == "group_by_length"
-    assert RecallTrainingArguments(output_dir=str(tmp_path), group_by_length=False).train_sampling_strategy == "random"
+    assert RecallTrainingArguments(output_dir=str(tmp_path)).train_sampling_strategy == "random"
+    assert RecallTrainingArguments(output_dir=str(tmp_path), group_by_length=True).train_sampling_strategy == \
+        "group_by_length"
     base, tokenizer = copy.deepcopy(tiny_llama[0]), copy.deepcopy(tiny_llama[1])
     model = build_recall_model(base, tokenizer, RecallConfig(base_model=TINY, vector_dim=8,
                                                              hidden_size=base.config.hidden_size))
     lengths = [3, 40, 5, 4, 38, 6, 39, 3]
     rows = datasets.Dataset.from_list([{"input_ids": [5] * n, "attention_mask": [1] * n, "labels": [5] * n,
                                         "memory_ids": [], "task": 2} for n in lengths])
-    args = RecallTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none")
+    args = RecallTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none",
+                                   group_by_length=True)
     trainer = RecallTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                             data_collator=RecallCollator(torch.zeros(1, 8), tokenizer.pad_token_id))
     sampler = trainer._get_train_sampler()
