@@ -98,8 +98,8 @@ class RecallTrainingArguments(FrozenBackboneTrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep memory_ids and task in batches."})
     train_sampling_strategy: str = field(default="random", metadata={
         "help": "random (default), or group_by_length: batches of rows of similar length (less padding, a quarter "
-                "faster steps here, but on a recall set its 50-batch megabatches put nearly a whole epoch in length order, "
-                "blocks of one kind of row; reconstruction fell from 0.83 to 0.40 in the one run measured), "
+                "faster steps here, but on a recall set its 50-batch megabatches put nearly a whole epoch in length "
+                "order, blocks of one kind of row; reconstruction fell from 0.83 to 0.40 in the one run measured), "
                 "sequential, batch_rebalance.",
         "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]})
     group_by_length: bool | None = field(default=None, metadata={
