@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tools_file", default="recipes/tools/tools.json")
     parser.add_argument("--train_file", default="recipes/tools/train_queries.jsonl")
     parser.add_argument("--validation_file", default="recipes/tools/heldout_queries.jsonl")
-    parser.add_argument("--poolings", default="mean,weighted_mean,last,prompt_last")
+    parser.add_argument("--poolings", default=None, help="Comma-separated (default: every pooling the encoder has).")
     parser.add_argument("--layers", default="-1,middle", help="Decoder layers read (-1: the last; 'middle'); write --layers=-1,middle.")
     parser.add_argument("--candidates", type=int, default=2, help="Nearest tools the keyword baseline chooses among.")
     parser.add_argument("--pooling", default="prompt_last",
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     from lib.models.args import ModelArguments
     from lib.models.loading import load_model_and_tokenizer
     from lib.tools.data import load_tool_queries, load_tools
-    from lib.tools.embeddings import embed_texts
+    from lib.tools.embeddings import POOLINGS, embed_texts
     from lib.tools.losses import tool_logits
 
     tools = load_tools(args.tools_file)
@@ -104,7 +104,8 @@ def main(argv=None) -> dict:
     report: dict = {"tools_file": args.tools_file, "validation_file": args.validation_file, "queries": len(queries),
                     "resource_queries": sum(resource), "step0": [], "model": args.model}
     chosen = (args.pooling, args.embedding_layer)
-    settings = [(p.strip(), layer) for p in args.poolings.split(",") if p.strip() for layer in layers]
+    poolings = args.poolings.split(",") if args.poolings else POOLINGS
+    settings = [(p.strip(), layer) for p in poolings if p.strip() for layer in layers]
     for pooling, layer in settings + ([chosen] if chosen not in settings else []):
         semantic = embed_texts(model, tokenizer, [t.text() for t in tools], pooling=pooling, layer=layer)
         query_emb = embed_texts(model, tokenizer, queries, pooling=pooling, layer=layer)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from lib.core.errors import UserError
 from lib.core.training_args import FrozenBackboneTrainingArguments
+from lib.tools.embeddings import POOLINGS
 
 
 @dataclass
@@ -21,7 +22,7 @@ class EncoderTrainingArguments(FrozenBackboneTrainingArguments):
     pooling: str = field(default="prompt_last", metadata={
         "help": "How the LLM's hidden states become one vector: mean, weighted_mean (later tokens weigh more), last "
                 "(the last token), prompt_last (the last token of 'This sentence: \"<text>\" means in one word: "
-                "\"', PromptEOL).", "choices": ["mean", "weighted_mean", "last", "prompt_last"]})
+                "\"', PromptEOL).", "choices": list(POOLINGS)})
     embedding_layer: int = field(default=-1, metadata={
         "help": "Read the hidden states after this decoder layer (-1: the last, after the final norm; e.g. the "
                 "middle layer, num_hidden_layers // 2)."})
