@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
 
     import train_target
     from lib.models.loading import load_tokenizer
-    from lib.selection.pools import write_jsonl
+    from lib.core.files import write_jsonl
 
     # evaluate.py is a script whose name shadows the `evaluate` library: load it under another name.
     spec = importlib.util.spec_from_file_location(
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
         if args.task_format == "chat":
             questions = chat_questions(questions, load_tokenizer(args.model))
         indist = os.path.join(args.output_dir, "indist.jsonl")
-        write_jsonl(questions, indist)
+        write_jsonl(indist, questions)
     indist_task = "custom_indist"
 
     def scores(output_dir: str, *extra: str) -> dict[str, list[float]]:
@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
     for seed in seeds:
         for name, subset in subsets(rows, args.ratio, seed).items():
             data = os.path.join(args.output_dir, f"{name}-seed{seed}.jsonl")
-            write_jsonl(subset, data)
+            write_jsonl(data, subset)
             out = os.path.join(args.output_dir, f"{name}-seed{seed}")
             train_target.main([args.recipe, "--model_name_or_path", args.model, "--train_file", data, *field,
                                "--validation_file", args.heldout, "--output_dir", out, "--overwrite_output_dir",

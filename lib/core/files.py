@@ -47,6 +47,12 @@ def write_json(path: str, payload: Any) -> None:
         f.write("\n")
 
 
+def write_jsonl(path: str, rows) -> None:
+    """JSON lines, one row per line, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def write_table(table, path: str, fmt: str) -> None:
     """Write a ``pyarrow.Table`` as parquet or JSON lines (full float precision, nested values as JSON)."""
     with atomic_path(path) as tmp:

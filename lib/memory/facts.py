@@ -29,12 +29,11 @@ nine other values of the same attribute (for log-likelihood ranking).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from dataclasses import dataclass
 
-from lib.core.files import atomic_path, write_json
+from lib.core.files import write_json, write_jsonl
 
 ATTRIBUTES = ("birth_city", "birth_date", "university", "field", "employer", "pet_name")
 
@@ -176,11 +175,6 @@ def qa_row(person: Person, attribute: str, question: str, rng: random.Random, po
     rng.shuffle(choices)
     return {"question": question.format(name=person.name), "answer": answer, "memory_id": entry_id(person, attribute),
             "attribute": attribute, "person": person.name, "choices": choices}
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def general_conversations(count: int, seed: int) -> list[list[dict]]:

