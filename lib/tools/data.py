@@ -18,13 +18,14 @@ class Tool:
     name: str
     description: str
     resources: dict[str, float]
+    group: str | None = None  # tools that do the same job share one; resources decide between them
 
     def text(self) -> str:
         return f"{self.name}: {self.description}"
 
 
 def load_tools(path: str) -> list[Tool]:
-    """Read and validate ``tools.json`` (a list of ``{"name", "description", "resources": {...}}``)."""
+    """Read and validate ``tools.json`` (a list of ``{"name", "description", "resources": {...}, "group"?}``)."""
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; pass --tools_file with a JSON list of tools.")
     try:
@@ -59,7 +60,10 @@ def load_tools(path: str) -> list[Tool]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserError(f"{where}: resource '{key}' is {value!r}; resources must be finite numbers.")
             clean[key] = float(value)
-        tools.append(Tool(name, description.strip(), clean))
+        group = entry.get("group")
+        if group is not None and (not isinstance(group, str) or not group.strip()):
+            raise UserError(f"{where}: 'group' is {group!r}; give a name shared by the tools that do the same job.")
+        tools.append(Tool(name, description.strip(), clean, group.strip() if group else None))
     return tools
 
 

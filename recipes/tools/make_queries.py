@@ -1,16 +1,21 @@
 """Writes train_queries.jsonl and heldout_queries.jsonl for tools.json (run from anywhere; deterministic).
 
 Every query names one tool. "semantic" queries are settled by the task alone; "resource" queries name a task
-that two tools do (a large and a small variant) and a resource wish that only one of them meets. Held-out
-queries use task phrasings and resource phrasings that never occur in training.
+that two tools do (a large and a small variant, one "group" in tools.json) and a resource wish that only one of
+them meets. Training holds the hand-written queries below plus what the generic generator (lib/tools/queries.py)
+writes from them: every pair's task phrasings with each resource wish in many phrasings (numbers with units,
+comparatives, budgets, hardware, stakes, negations). Held-out queries use task phrasings and resource phrasings
+that occur neither here nor in the generator.
 
     python recipes/tools/make_queries.py
 """
 
 import json
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # this checkout's lib/
 
 # family -> (large variant, small variant, train task phrasings, held-out task phrasings)
 PAIRS = {
@@ -76,18 +81,26 @@ SEMANTIC = {
 
 
 def queries(split: str) -> list[dict]:
+    from lib.tools.data import load_tools
+    from lib.tools.queries import generate
+
     wishes = WISHES_TRAIN if split == "train" else WISHES_HELDOUT
     rows = []
     for tool, (train, heldout) in SEMANTIC.items():
         for q in train if split == "train" else heldout:
             rows.append({"query": q[0].upper() + q[1:] + ".", "tool": tool, "kind": "semantic"})
+    tasks = []
     for large, small, train, heldout in PAIRS.values():
         for q in train if split == "train" else heldout:
+            tasks.append({"query": q[0].upper() + q[1:] + ".", "tool": large, "kind": "semantic"})
             for size, phrases in wishes.items():
                 for w in phrases:
                     rows.append({"query": f"{q[0].upper() + q[1:]} {w}.", "tool": large if size == "large" else small,
                                  "kind": "resource"})
-    return rows
+    if split == "heldout":
+        return rows
+    # a pair member's semantic example is a phrasing of the pair's task: the generator adds every wish to it
+    return generate(load_tools(os.path.join(HERE, "tools.json")), rows + tasks, heldout_every=0)[0]
 
 
 def main() -> None:
