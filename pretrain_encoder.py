@@ -11,8 +11,10 @@
 
 The LLM runs once per tool (its name and description, pooled) and once per query, before training; both tables
 are cached on disk keyed by the model weights' content and the texts, so a rerun skips those forward passes. Training then touches
-only the resource MLP and the gated fusion. Logs gate/alpha every step (also in the progress bar), loss/tool,
-loss/resource, train/tool_acc, and held-out top-1/top-3 accuracy split into semantic and resource queries, at
+only the resource MLP and the gated fusion. Tools that do the same job share a "group" in tools.json; each query
+is also contrasted with the other tools of its tool's group (--group_loss_coef), the hard negatives where only
+resources decide. Logs gate/alpha every step (also in the progress bar), loss/tool, loss/resource, loss/group,
+train/tool_acc, and held-out top-1/top-3 accuracy split into semantic and resource queries, at
 step 0 (--eval_on_start) and after every epoch. --resume_from_checkpoint works.
 """
 
@@ -22,6 +24,7 @@ def main(argv=None) -> dict:
     import os
 
     import datasets
+    import torch
     import transformers
     from transformers import set_seed
 
@@ -106,8 +109,12 @@ def main(argv=None) -> dict:
     eval_ds = as_dataset(query_emb[n_train:], eval_q[1], eval_q[2]) if eval_q else None
 
     # ---- train (held-out accuracy at step 0, i.e. pure semantics, then every epoch) ---------------------
+    # tools that do the same job share a "group" in tools.json; a tool without one is a group of its own
+    group_ids: dict[str, int] = {}
+    groups = [group_ids.setdefault(t.group or "\0" + t.name, len(group_ids)) for t in tools]
     trainer = EncoderTrainer(model=encoder, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             compute_metrics=encoder_metrics if eval_ds is not None else None)
+                             compute_metrics=encoder_metrics if eval_ds is not None else None,
+                             tool_groups=torch.tensor(groups) if len(group_ids) < len(tools) else None)
     trainer.add_callback(GateInProgressBar(encoder, trainer.callback_handler))
     for callback in [SafeCallback(MetricsFileCallback()), *user_callbacks]:
         trainer.add_callback(callback)
@@ -126,7 +133,7 @@ def main(argv=None) -> dict:
     summary = {
         "tools": names, "resource_keys": resource_keys, "model": model_args.model_name_or_path,
         "model_weights": weights, "pooling": args.pooling, "embedding_layer": args.embedding_layer,
-        "hidden_size": int(semantic.shape[1]),
+        "hidden_size": int(semantic.shape[1]), "groups": {t.name: t.group for t in tools if t.group},
         "d_resource": args.d_resource or int(semantic.shape[1]), "num_attention_heads": args.num_attention_heads,
         "alpha": {"first": alphas[0], "middle": alphas[len(alphas) // 2], "last": alphas[-1]} if alphas else None,
         "step0": step0, "final": final,

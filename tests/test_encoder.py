@@ -5,19 +5,20 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pretrain_encoder
 from lib.core.errors import UserError
 from lib.tools.data import load_tools, resource_matrix
-from lib.tools.losses import residual_logits, tool_encoder_loss, tool_logits
+from lib.tools.losses import group_loss, residual_logits, tool_encoder_loss, tool_logits
 from lib.tools.modules import ToolEncoder
 from tests.conftest import ROOT, write_jsonl
 
 TOOLS = [
     {"name": "fast-asr", "description": "Speech recognition on small devices.",
-     "resources": {"latency_ms": 50, "memory_gb": 0.2}},
+     "resources": {"latency_ms": 50, "memory_gb": 0.2}, "group": "asr"},
     {"name": "big-asr", "description": "Speech recognition with the best accuracy.",
-     "resources": {"latency_ms": 2000, "memory_gb": 10}},
+     "resources": {"latency_ms": 2000, "memory_gb": 10}, "group": "asr"},
     {"name": "ner", "description": "Finds names of people and places in text.", "resources": {"latency_ms": 30}},
     {"name": "translator", "description": "Translates text between languages.",
      "resources": {"latency_ms": 300, "memory_gb": 2}},
@@ -112,6 +113,24 @@ def test_the_gate_gets_a_gradient_while_closed():
     assert enc.fuse_out.weight.grad.abs().sum() == 0
 
 
+def test_group_loss_contrasts_a_query_with_its_group_only():
+    logits = torch.randn(5, 4, requires_grad=True)
+    groups = torch.tensor([0, 0, 1, 2])  # fast-asr and big-asr do the same job
+    target = torch.tensor([0, 1, 2, 1, 3])
+    loss, rows = group_loss(logits, target, groups)
+    assert rows == 3  # the queries for ner and translator have nobody to be contrasted with
+    expected = F.cross_entropy(logits[[0, 1, 3]][:, :2], target[[0, 1, 3]])
+    assert torch.allclose(loss, expected)
+    # scores of tools outside the group do not move the term; no grouped rows gives zero with a gradient
+    shifted = logits.detach().clone()
+    shifted[:, 2:] += 5.0
+    assert torch.allclose(group_loss(shifted, target, groups)[0], expected)
+    zero, none = group_loss(logits, torch.tensor([2, 3]), groups)
+    assert none == 0 and zero == 0
+    zero.backward()
+    assert logits.grad is not None
+
+
 def run(tmp_path, *extra, out="enc", epochs="6"):
     train, held = query_files(tmp_path)
     out_dir = str(tmp_path / out)
@@ -141,11 +160,12 @@ def test_training_opens_the_gate_logs_and_caches_embeddings(tmp_path, monkeypatc
     state = json.load(open(os.path.join(out, "trainer_state.json")))
     steps = [h for h in state["log_history"] if "loss" in h and "gate/alpha" in h]
     assert len(steps) == state["global_step"]  # gate/alpha every step
-    assert all("train/tool_acc" in h and "loss/resource" in h for h in steps)
+    assert all("train/tool_acc" in h and "loss/resource" in h and "loss/group" in h for h in steps)
     assert {"eval_top1", "eval_top3", "eval_top1_semantic", "eval_top1_resource"} <= set(summary["final"])
     first_eval = next(h for h in state["log_history"] if "eval_top1" in h)
     assert first_eval["step"] == 0 and first_eval["eval_gate/alpha"] == 0.0  # step 0: semantics only
-    assert json.load(open(os.path.join(out, "encoder_config.json")))["tools"] == [t["name"] for t in TOOLS]
+    config = json.load(open(os.path.join(out, "encoder_config.json")))
+    assert config["tools"] == [t["name"] for t in TOOLS] and config["groups"] == {"fast-asr": "asr", "big-asr": "asr"}
     # A rerun finds both tables in the cache and runs no LLM forward pass, and computes exactly what the first run
     # did (which began by building the builtin model into the fresh cache).
     calls.clear()

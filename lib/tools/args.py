@@ -33,6 +33,10 @@ class EncoderTrainingArguments(FrozenBackboneTrainingArguments):
     resource_loss_coef: float = field(
         default=1.0, metadata={"help": "Weight of the resource-only term on resource-dependent queries."}
     )
+    group_loss_coef: float = field(default=1.0, metadata={
+        "help": "Weight of the hard-negative term: each query against only the tools of its tool's 'group' in "
+                "tools.json (the tools that do the same job, where resources decide). 0: off; no effect without "
+                "groups."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Queries per device per step."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps (gate/alpha every step by default)."})
@@ -49,6 +53,8 @@ class EncoderTrainingArguments(FrozenBackboneTrainingArguments):
             raise UserError(f"--temperature must be positive, got {self.temperature}.")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        if self.group_loss_coef < 0:
+            raise UserError(f"--group_loss_coef must be 0 or more, got {self.group_loss_coef}.")
         if self.d_resource is not None and self.d_resource < 1:
             raise UserError(f"--d_resource must be positive or null, got {self.d_resource}.")
 

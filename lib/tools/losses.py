@@ -36,3 +36,15 @@ def tool_encoder_loss(logits: torch.Tensor, res_logits: torch.Tensor, target: to
     resource = (per_row * weight).sum() / weight.sum().clamp_min(1)
     return tool + resource_coef * resource, tool, resource
 
+
+
+def group_loss(logits: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cross-entropy, rows)``: each query against only the tools of its target's group (the tools that do the
+    same job, where resources decide); ``rows`` counts the queries whose group has two or more tools, the only
+    ones with a term (zero loss when there are none)."""
+    same = groups[target][:, None] == groups[None, :]
+    rows = same.sum(-1) > 1
+    if not rows.any():
+        return logits.sum() * 0, rows.sum()
+    masked = logits.masked_fill(~same, torch.finfo(logits.dtype).min)
+    return F.cross_entropy(masked[rows], target[rows]), rows.sum()

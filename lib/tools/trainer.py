@@ -7,11 +7,16 @@ import torch
 
 from lib.core.callbacks import ProgressBarPostfix
 from lib.core.trainer import FrozenBackboneTrainer
-from lib.tools.losses import residual_logits, tool_encoder_loss, tool_logits
+from lib.tools.losses import group_loss, residual_logits, tool_encoder_loss, tool_logits
 
 
 class EncoderTrainer(FrozenBackboneTrainer):
-    """Cross-entropy over all tools, plus the resource-only term on resource-dependent queries."""
+    """Cross-entropy over all tools, plus the resource-only term on resource-dependent queries, plus (with
+    ``tool_groups``, one id per tool) a cross-entropy of each query against the tools of its target's group."""
+
+    def __init__(self, *args, tool_groups: torch.Tensor | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tool_groups = tool_groups
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         # The semantic table and the resource features are buffers: small, and needed to use the encoder.
@@ -33,6 +38,10 @@ class EncoderTrainer(FrozenBackboneTrainer):
         target, resource_rows = inputs["tool"], inputs["resource"]
         loss, tool_ce, resource_ce = tool_encoder_loss(logits, res, target, resource_rows,
                                                        self.args.resource_loss_coef)
+        if self.tool_groups is not None and self.args.group_loss_coef:
+            group_ce, n_group = group_loss(logits, target, self.tool_groups.to(target.device))
+            loss = loss + self.args.group_loss_coef * group_ce
+            self.record("loss/group", group_ce.detach() * n_group, n_group.float())
         n = torch.tensor(float(len(target)), device=logits.device)
         self.record("loss/tool", tool_ce.detach() * n, n)
         n_res = resource_rows.float().sum()
