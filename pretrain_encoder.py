@@ -1,4 +1,4 @@
-"""Pretrain the tool/resource encoder: frozen LLM semantics per tool, resource facts through a gate that starts shut.
+r"""Pretrain the tool/resource encoder: frozen LLM semantics per tool, resource facts through a gate that starts shut.
 
     python pretrain_encoder.py --model_name_or_path builtin:smollm2-135m-instruct \
         --tools_file recipes/tools/tools.json --train_file recipes/tools/train_queries.jsonl \
@@ -44,6 +44,7 @@ def main(argv=None) -> dict:
     from lib.tools.args import EncoderDataArguments, EncoderTrainingArguments
     from lib.tools.data import load_tool_queries, load_tools, resource_matrix
     from lib.tools.embeddings import embed_texts, embeddings_cache_key
+    from lib.tools.losses import balanced_tool_weights
     from lib.tools.modules import ToolEncoder
     from lib.tools.trainer import EncoderTrainer, GateInProgressBar, encoder_metrics
 
@@ -114,7 +115,8 @@ def main(argv=None) -> dict:
     groups = [group_ids.setdefault(t.group or "\0" + t.name, len(group_ids)) for t in tools]
     trainer = EncoderTrainer(model=encoder, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              compute_metrics=encoder_metrics if eval_ds is not None else None,
-                             tool_groups=torch.tensor(groups) if len(group_ids) < len(tools) else None)
+                             tool_groups=torch.tensor(groups) if len(group_ids) < len(tools) else None,
+                             tool_weights=balanced_tool_weights(train_t, len(tools)) if args.balance_tools else None)
     trainer.add_callback(GateInProgressBar(encoder, trainer.callback_handler))
     for callback in [SafeCallback(MetricsFileCallback()), *user_callbacks]:
         trainer.add_callback(callback)
@@ -134,6 +136,7 @@ def main(argv=None) -> dict:
         "tools": names, "resource_keys": resource_keys, "model": model_args.model_name_or_path,
         "model_weights": weights, "pooling": args.pooling, "embedding_layer": args.embedding_layer,
         "hidden_size": int(semantic.shape[1]), "groups": {t.name: t.group for t in tools if t.group},
+        "group_loss_coef": args.group_loss_coef, "balance_tools": args.balance_tools,
         "d_resource": args.d_resource or int(semantic.shape[1]), "num_attention_heads": args.num_attention_heads,
         "alpha": {"first": alphas[0], "middle": alphas[len(alphas) // 2], "last": alphas[-1]} if alphas else None,
         "step0": step0, "final": final,

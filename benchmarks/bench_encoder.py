@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How well does the tool encoder pick tools for held-out queries, against what a user could write without it?
+r"""How well does the tool encoder pick tools for held-out queries, against what a user could write without it?
 
 For one tool set (tools.json, training and held-out queries), on the held-out queries, split into semantic and
 resource-dependent ones:
@@ -13,6 +13,15 @@ resource-dependent ones:
 
     python benchmarks/bench_encoder.py --json
     python benchmarks/bench_encoder.py --recipe recipes/pretrain_encoder_smollm2.yaml --json
+
+The second tool set (recipes/tools/services/) ships example queries and hand-written held-out ones; its training
+queries are generated first:
+
+    python -m lib.tools.queries --tools_file recipes/tools/services/tools.json \
+        --examples recipes/tools/services/examples.jsonl --output_dir data/services_queries --heldout_every 0
+    python benchmarks/bench_encoder.py --tools_file recipes/tools/services/tools.json \
+        --train_file data/services_queries/train_queries.jsonl \
+        --validation_file recipes/tools/services/heldout_queries.jsonl --recipe recipes/pretrain_encoder_smollm2.yaml --json
 
 With --json the last line printed is a JSON object with every row of the table.
 """
@@ -136,10 +145,10 @@ def main(argv=None) -> dict:
                              "alpha": summary["alpha"]}
 
     print(f"\nheld-out queries of {args.validation_file}: {len(queries)} ({sum(resource)} resource-dependent)")
-    print(f"{'method':<34}{'top-1':>8}{'semantic':>10}{'resource':>10}{'top-3':>8}")
+    print(f"{'method':<44}{'top-1':>8}{'semantic':>10}{'resource':>10}{'top-3':>8}")
 
     def line(label: str, m: dict) -> None:
-        print(f"{label:<34}{m['top1']:>8.3f}{m.get('top1_semantic', float('nan')):>10.3f}"
+        print(f"{label:<44}{m['top1']:>8.3f}{m.get('top1_semantic', float('nan')):>10.3f}"
               f"{m.get('top1_resource', float('nan')):>10.3f}{m['top3']:>8.3f}")
 
     for m in report["step0"]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import pretrain_encoder
 from lib.core.errors import UserError
 from lib.tools.data import load_tools, resource_matrix
-from lib.tools.losses import group_loss, residual_logits, tool_encoder_loss, tool_logits
+from lib.tools.losses import balanced_tool_weights, group_loss, residual_logits, tool_encoder_loss, tool_logits
 from lib.tools.modules import ToolEncoder
 from tests.conftest import ROOT, write_jsonl
 
@@ -129,6 +129,20 @@ def test_group_loss_contrasts_a_query_with_its_group_only():
     assert none == 0 and zero == 0
     zero.backward()
     assert logits.grad is not None
+
+
+def test_balanced_tool_weights_make_every_tool_count_the_same():
+    targets = [0] * 30 + [1] * 10 + [2] * 2  # tool 3 has no queries
+    weight = balanced_tool_weights(targets, 4)
+    per_tool = torch.bincount(torch.tensor(targets), minlength=4).float() * weight
+    assert torch.allclose(per_tool[:3], per_tool[0].expand(3)) and weight[3] == 0
+    assert torch.isclose(weight[:3].mean(), torch.tensor(1.0))
+    # the weighted tool term is the mean over tools of each tool's mean cross-entropy
+    logits = torch.randn(len(targets), 4)
+    target = torch.tensor(targets)
+    _, tool_ce, _ = tool_encoder_loss(logits, logits, target, torch.zeros(len(targets)), 1.0, weight)
+    per_row = F.cross_entropy(logits, target, reduction="none")
+    assert torch.isclose(tool_ce, torch.stack([per_row[target == t].mean() for t in range(3)]).mean())
 
 
 def run(tmp_path, *extra, out="enc", epochs="6"):

@@ -37,6 +37,10 @@ class EncoderTrainingArguments(FrozenBackboneTrainingArguments):
         "help": "Weight of the hard-negative term: each query against only the tools of its tool's 'group' in "
                 "tools.json (the tools that do the same job, where resources decide). 0: off; no effect without "
                 "groups."})
+    balance_tools: bool = field(default=True, metadata={
+        "help": "Weigh each training query of the tool term by 1 / (queries of its tool), so that a tool with few "
+                "queries (a lone tool's handful of semantic examples) counts as much as a pair member with "
+                "thousands of generated resource queries."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Queries per device per step."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps (gate/alpha every step by default)."})

@@ -26,16 +26,26 @@ def residual_logits(query: torch.Tensor, residual: torch.Tensor, semantic: torch
 
 
 def tool_encoder_loss(logits: torch.Tensor, res_logits: torch.Tensor, target: torch.Tensor,
-                      resource_rows: torch.Tensor, resource_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      resource_rows: torch.Tensor, resource_coef: float, tool_weight: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(total, tool CE, resource CE)``. The resource term is a cross-entropy over the residual logits of the
     resource-dependent rows only: those rows can be answered only through the resource features, and its gradient
-    reaches the gate even while it is closed (d tanh(alpha) / d alpha = 1 at 0)."""
-    tool = F.cross_entropy(logits, target)
+    reaches the gate even while it is closed (d tanh(alpha) / d alpha = 1 at 0). ``tool_weight`` (one per tool)
+    weighs the tool term's rows by their target, as ``F.cross_entropy(weight=...)`` does."""
+    tool = F.cross_entropy(logits, target, weight=tool_weight)
     per_row = F.cross_entropy(res_logits, target, reduction="none")
     weight = resource_rows.to(per_row.dtype)
     resource = (per_row * weight).sum() / weight.sum().clamp_min(1)
     return tool + resource_coef * resource, tool, resource
 
+
+
+def balanced_tool_weights(targets: list[int], num_tools: int) -> torch.Tensor:
+    """One weight per tool, inversely proportional to its training queries (mean 1 over the tools that have any),
+    so that every tool counts the same in the tool term however many queries name it; 0 for tools without."""
+    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.long), minlength=num_tools).float()
+    weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1), torch.zeros_like(counts))
+    return weight * (counts > 0).sum() / weight.sum().clamp_min(1e-12)
 
 
 def group_loss(logits: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ key, known or not, also gets "the lowest <key>" / "the highest <key>" wishes.
 Task phrasings come from ``--examples`` (rows ``{"query", "tool", "kind"?}``): a semantic example of a tool in a
 group is a phrasing of the group's task, since alone it cannot choose between the members; examples of tools alone
 in their group, and every resource example, are copied to the training file as they are. A group without examples
-gets phrasings from the words its members' descriptions share; a tool alone without examples gets phrasings from
-its description.
+gets phrasings from the words its members' descriptions share; a tool alone in its group also gets semantic
+queries from its description ("Can you handle weather forecasts").
 
 Every list of wish phrasings is split: a quarter of each (every fourth; ``--heldout_every``) is kept for
 ``heldout_queries.jsonl`` and never appears in training, with task phrasings split the same way, so the held-out file measures phrasings and
@@ -278,11 +278,10 @@ def generate(tools: list[Tool], examples: list[dict] | None = None, heldout_ever
                  for held in (False, True)}
         if not split[True] and heldout_every:
             split[True] = split[False]  # one or two phrasings: the held-out wishes are still new
-        if len(members) == 1:
-            if not tasks[key]:  # generated from the description: the tool's own semantic queries
-                for held, rows in ((False, train), (True, heldout)):
-                    rows.extend({"query": p.rstrip(".") + ".", "tool": names[members[0]], "kind": "semantic"}
-                                for p in split[held])
+        if len(members) == 1:  # phrasings of its description: the tool's own semantic queries
+            for held, rows in ((False, train), (True, heldout)):
+                rows.extend({"query": p.rstrip(".") + ".", "tool": names[members[0]], "kind": "semantic"}
+                            for p in split[held])
             continue
         for wish, held in group_wishes(tools, members, heldout_every):
             for task in split[held]:

@@ -12,11 +12,14 @@ from lib.tools.losses import group_loss, residual_logits, tool_encoder_loss, too
 
 class EncoderTrainer(FrozenBackboneTrainer):
     """Cross-entropy over all tools, plus the resource-only term on resource-dependent queries, plus (with
-    ``tool_groups``, one id per tool) a cross-entropy of each query against the tools of its target's group."""
+    ``tool_groups``, one id per tool) a cross-entropy of each query against the tools of its target's group.
+    ``tool_weights`` (one per tool) weigh the training rows of the tool term by their tool."""
 
-    def __init__(self, *args, tool_groups: torch.Tensor | None = None, **kwargs):
+    def __init__(self, *args, tool_groups: torch.Tensor | None = None, tool_weights: torch.Tensor | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.tool_groups = tool_groups
+        self.tool_weights = tool_weights
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         # The semantic table and the resource features are buffers: small, and needed to use the encoder.
@@ -36,8 +39,10 @@ class EncoderTrainer(FrozenBackboneTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         encoder, logits, res = self._scores(model, inputs)
         target, resource_rows = inputs["tool"], inputs["resource"]
+        # held-out rows are scored unweighted: eval loss stays the plain cross-entropy
+        weight = self.tool_weights.to(logits.device) if self.tool_weights is not None and model.training else None
         loss, tool_ce, resource_ce = tool_encoder_loss(logits, res, target, resource_rows,
-                                                       self.args.resource_loss_coef)
+                                                       self.args.resource_loss_coef, weight)
         if self.tool_groups is not None and self.args.group_loss_coef:
             group_ce, n_group = group_loss(logits, target, self.tool_groups.to(target.device))
             loss = loss + self.args.group_loss_coef * group_ce
