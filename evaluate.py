@@ -1,4 +1,4 @@
-"""Stage 4: measure the base model and the fine-tuned one side by side with lm-evaluation-harness.
+r"""Stage 4: measure the base model and the fine-tuned one side by side with lm-evaluation-harness.
 
     python evaluate.py --model_name_or_path builtin:smollm2-135m-instruct --adapter outputs/target \
         --tasks arc_easy,piqa --limit 500 --output_dir outputs/eval

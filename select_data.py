@@ -1,4 +1,4 @@
-"""Stage 2: score every row of a data pool with trained MoE routers and keep the best ones.
+r"""Stage 2: score every row of a data pool with trained MoE routers and keep the best ones.
 
 Single process (CPU or one GPU):
     python select_data.py --router_model outputs/router --data_file data/pool.jsonl --text_field text \

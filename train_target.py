@@ -1,4 +1,4 @@
-"""Stage 3: fine-tune the target model (LoRA by default in the recipes) on the rows select_data.py kept.
+r"""Stage 3: fine-tune the target model (LoRA by default in the recipes) on the rows select_data.py kept.
 
 Single process:
     python train_target.py --model_name_or_path builtin:smollm2-135m-instruct \
