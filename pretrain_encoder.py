@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     from lib.models.deepspeed import zero3_init_disabled
     from lib.models.loading import load_model_and_tokenizer, weights_fingerprint
     from lib.tools.args import EncoderDataArguments, EncoderTrainingArguments
-    from lib.tools.data import load_tool_queries, load_tools, resource_matrix
+    from lib.tools.data import load_tool_queries, load_tools, resource_matrix, tool_groups
     from lib.tools.embeddings import embed_texts, embeddings_cache_key
     from lib.tools.losses import balanced_tool_weights
     from lib.tools.modules import ToolEncoder
@@ -111,11 +111,13 @@ def main(argv=None) -> dict:
 
     # ---- train (held-out accuracy at step 0, i.e. pure semantics, then every epoch) ---------------------
     # tools that do the same job share a "group" in tools.json; a tool without one is a group of its own
-    group_ids: dict[str, int] = {}
-    groups = [group_ids.setdefault(t.group or "\0" + t.name, len(group_ids)) for t in tools]
+    groups = tool_groups(tools)
+    group_of = torch.empty(len(tools), dtype=torch.long)
+    for g, members in enumerate(groups):
+        group_of[members] = g
     trainer = EncoderTrainer(model=encoder, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              compute_metrics=encoder_metrics if eval_ds is not None else None,
-                             tool_groups=torch.tensor(groups) if len(group_ids) < len(tools) else None,
+                             tool_groups=group_of if len(groups) < len(tools) else None,
                              tool_weights=balanced_tool_weights(train_t, len(tools)) if args.balance_tools else None)
     trainer.add_callback(GateInProgressBar(encoder, trainer.callback_handler))
     for callback in [SafeCallback(MetricsFileCallback()), *user_callbacks]:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from lib.core.errors import UserError
-from lib.tools.data import load_tool_queries, load_tools
+from lib.tools.data import load_tool_queries, load_tools, tool_groups
 from lib.tools.queries import generate, group_wishes, main, round_between
 from tests.conftest import ROOT, write_jsonl
 
@@ -31,7 +31,9 @@ def test_group_must_be_a_name(tmp_path):
     bad = [{**TOOLS[0], "group": ""}, TOOLS[1]]
     with pytest.raises(UserError, match="'group' is ''; give a name shared by the tools that do the same job"):
         load_tools(tools_file(tmp_path, bad))
-    assert [t.group for t in load_tools(tools_file(tmp_path))] == ["asr", "asr", None, None]
+    tools = load_tools(tools_file(tmp_path))
+    assert [t.group for t in tools] == ["asr", "asr", None, None]
+    assert tool_groups(tools) == [[0, 1], [2], [3]]  # a tool without a group is alone
 
 
 def test_round_between_is_strictly_inside():

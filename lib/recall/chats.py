@@ -31,8 +31,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from lib.core.files import write_json
-from lib.core.files import write_jsonl
+from lib.core.files import write_json, write_jsonl
 from lib.memory.facts import InventedWords
 
 UNKNOWN = "unknown"

@@ -67,6 +67,15 @@ def load_tools(path: str) -> list[Tool]:
     return tools
 
 
+def tool_groups(tools: list[Tool]) -> list[list[int]]:
+    """The tools' indices by job, in order of first appearance: the members of each ``"group"``, and every tool
+    without a group alone."""
+    groups: dict[str, list[int]] = {}
+    for i, tool in enumerate(tools):
+        groups.setdefault(tool.group or "\0" + tool.name, []).append(i)
+    return list(groups.values())
+
+
 def resource_matrix(tools: list[Tool]) -> tuple[torch.Tensor, list[str]]:
     """``(tools, 2 * keys)``: each resource z-scored over the tools (log scale for positive, wide-ranging facts such
     as latency or memory), plus a 0/1 column saying whether the tool reports it. Missing values are 0."""

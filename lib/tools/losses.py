@@ -39,7 +39,6 @@ def tool_encoder_loss(logits: torch.Tensor, res_logits: torch.Tensor, target: to
     return tool + resource_coef * resource, tool, resource
 
 
-
 def balanced_tool_weights(targets: list[int], num_tools: int) -> torch.Tensor:
     """One weight per tool, inversely proportional to its training queries (mean 1 over the tools that have any),
     so that every tool counts the same in the tool term however many queries name it; 0 for tools without."""

@@ -8,7 +8,7 @@ generator writes *resource* queries: a task phrasing of the group followed by a 
 response time below 30 ms", "on a phone", "accuracy is what counts", "speed is irrelevant"), labelled with the
 member that meets it (the best on that resource; a number threshold sits between the best and the second best).
 Resource keys are read by name (latency / time, memory / ram, cost / price, accuracy / quality / score); every
-key, known or not, also gets "the lowest <key>" / "the highest <key>" wishes.
+key also gets "the lowest <key>" / "the highest <key>" wishes (only the better direction of a key read by name).
 
 Task phrasings come from ``--examples`` (rows ``{"query", "tool", "kind"?}``): a semantic example of a tool in a
 group is a phrasing of the group's task, since alone it cannot choose between the members; examples of tools alone
@@ -17,8 +17,9 @@ gets phrasings from the words its members' descriptions share; a tool alone in i
 queries from its description ("Can you handle weather forecasts").
 
 Every list of wish phrasings is split: a quarter of each (every fourth; ``--heldout_every``) is kept for
-``heldout_queries.jsonl`` and never appears in training, with task phrasings split the same way, so the held-out file measures phrasings and
-constructions training never saw. Deterministic: the same inputs write the same files.
+``heldout_queries.jsonl`` and never appears in training, with task phrasings split the same way, so the held-out
+file measures phrasings training never saw (of the same constructions). Deterministic: the same inputs write the
+same files.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import re
 from dataclasses import dataclass
 
 from lib.core.errors import UserError
-from lib.tools.data import Tool, load_tools
+from lib.tools.data import Tool, load_tools, tool_groups
 
 # what a resource key measures, from its name: (dimension, key substrings, the better direction)
 DIMENSIONS = (
@@ -256,21 +257,19 @@ def generate(tools: list[Tool], examples: list[dict] | None = None, heldout_ever
     """``(train rows, held-out rows)`` of ``{"query", "tool", "kind"}`` for a tool set; ``heldout_every`` 0 holds
     nothing out."""
     names = [t.name for t in tools]
-    groups: dict[str, list[int]] = {}
-    for i, tool in enumerate(tools):
-        groups.setdefault(tool.group or f"\0{tool.name}", []).append(i)
-    group_of = {i: key for key, members in groups.items() for i in members}
-    tasks: dict[str, list[str]] = {key: [] for key in groups}
+    groups = tool_groups(tools)
+    group_of = {names[i]: g for g, members in enumerate(groups) for i in members}
+    tasks: list[list[str]] = [[] for _ in groups]
     train: list[dict] = []
     for row in examples or []:
-        members = groups[group_of[names.index(row["tool"])]]
-        if len(members) > 1 and row.get("kind", "semantic") != "resource":
-            tasks[group_of[names.index(row["tool"])]].append(row["query"])
+        g = group_of[row["tool"]]
+        if len(groups[g]) > 1 and row.get("kind", "semantic") != "resource":
+            tasks[g].append(row["query"])
         else:
             train.append({"query": row["query"], "tool": row["tool"], "kind": row.get("kind") or "semantic"})
     heldout: list[dict] = []
-    for key, members in groups.items():
-        phrasings = tasks[key]
+    for g, members in enumerate(groups):
+        phrasings = tasks[g]
         if not phrasings:
             task = shared_words([tools[m].description for m in members]) if len(members) > 1 else ""
             phrasings = task_phrasings(description_task(task or tools[members[0]].description))
