@@ -104,13 +104,13 @@ def queries(split: str) -> list[dict]:
 
 
 def main() -> None:
+    from lib.core.files import write_jsonl
+
     names = {t["name"] for t in json.load(open(os.path.join(HERE, "tools.json"), encoding="utf-8"))}
     for split in ("train", "heldout"):
         rows = queries(split)
         assert {r["tool"] for r in rows} <= names
-        with open(os.path.join(HERE, f"{split}_queries.jsonl"), "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(os.path.join(HERE, f"{split}_queries.jsonl"), rows)
         kinds = {k: sum(r["kind"] == k for r in rows) for k in ("semantic", "resource")}
         print(f"{split}: {len(rows)} queries {kinds}")
 
