@@ -18,6 +18,12 @@ on the same question and seed, SE^2 = var_q(mean_k s[k][q]) / n + var_k(mean_q s
 questions plus the spread over training seeds (the second term needs K >= 2). Held-out losses: mean over seeds,
 SE = std / sqrt(K).
 
+The full run takes hours on a CPU, so every finished unit (the base model's evaluation, each subset and seed's
+training and evaluation) is recorded in its folder (``unit.json``: its results and the run's settings, written last
+and atomically). --resume reuses every unit recorded with the same settings (model, recipe, scored pool, held-out
+and question files by content, limits, epochs) and runs the rest; a unit recorded under other settings is refused in
+one sentence rather than mixed in. Without --resume every unit runs again.
+
 With --json the last line printed is a JSON object with top_acc, random_acc and bottom_acc (mean accuracy over
 --tasks), the in-distribution accuracies (``indist``), the held-out losses and the differences with their SEs.
 """
@@ -115,6 +121,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true",
                         help="One seed, the first 300 in-distribution questions, lm-eval limit 100.")
     parser.add_argument("--output_dir", default="outputs/selection_effect")
+    parser.add_argument("--resume", action="store_true",
+                        help="Reuse the units (base evaluation, subset x seed) an earlier run with the same settings "
+                             "finished in --output_dir.")
     parser.add_argument("--json", action="store_true", help="Print a JSON object as the last line.")
     args = parser.parse_args(argv)
     from lib.core.errors import UserError
@@ -135,7 +144,8 @@ def main(argv=None) -> dict:
 
     import train_target
     from lib.models.loading import load_tokenizer
-    from lib.core.files import write_jsonl
+    from lib.core.cache import file_digest
+    from lib.core.files import write_json, write_jsonl
 
     # evaluate.py is a script whose name shadows the `evaluate` library: load it under another name.
     spec = importlib.util.spec_from_file_location(
@@ -168,32 +178,60 @@ def main(argv=None) -> dict:
                 out.setdefault(row["task"], []).append(row["acc"])
         return out
 
+    # What a unit's results depend on; a unit recorded under other settings is never reused.
+    settings = {"model": args.model, "recipe": file_digest(args.recipe), "scored": file_digest(args.scored),
+                "heldout": file_digest(args.heldout), "questions": file_digest(indist) if indist else None,
+                "tasks": tasks, "limit": args.limit, "ratio": args.ratio, "num_train_epochs": args.num_train_epochs,
+                "max_steps": args.max_steps, "field": args.messages_field or args.dataset_text_field}
+
+    def unit(folder: str, compute) -> dict:
+        """``compute()``'s results for one unit, or with --resume those recorded in ``folder/unit.json``."""
+        record = os.path.join(folder, "unit.json")
+        if args.resume and os.path.isfile(record):
+            with open(record, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("settings") != settings:
+                changed = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
+                raise UserError(f"--resume: {record} was recorded with other settings ({', '.join(changed)}); "
+                                "pass the same flags and files, or a new --output_dir.")
+            print(f"reusing {folder} (finished earlier with the same settings)", flush=True)
+            return saved["result"]
+        result = compute()
+        write_json(record, {"settings": settings, "result": result})
+        return result
+
     with open(args.scored, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     field = (["--messages_field", args.messages_field] if args.messages_field
              else ["--dataset_text_field", args.dataset_text_field])
     steps = ["--max_steps", str(args.max_steps)] if args.max_steps > 0 else \
         ["--num_train_epochs", str(args.num_train_epochs)]
-    base = scores(os.path.join(args.output_dir, "base"))
+    base_dir = os.path.join(args.output_dir, "base")
+    os.makedirs(base_dir, exist_ok=True)
+    base = unit(base_dir, lambda: scores(base_dir))
     runs: dict[str, list[dict]] = {name: [] for name in SUBSETS}
     for seed in seeds:
         for name, subset in subsets(rows, args.ratio, seed).items():
-            data = os.path.join(args.output_dir, f"{name}-seed{seed}.jsonl")
-            write_jsonl(data, subset)
             out = os.path.join(args.output_dir, f"{name}-seed{seed}")
-            train_target.main([args.recipe, "--model_name_or_path", args.model, "--train_file", data, *field,
-                               "--validation_file", args.heldout, "--output_dir", out, "--overwrite_output_dir",
-                               *steps, "--seed", str(seed), "--eval_strategy", "no", "--save_strategy", "no",
-                               "--report_to", "none"])
-            with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as f:
-                state = json.load(f)
-            labels = [r.get("label") for r in subset if r.get("label") is not None]
-            runs[name].append({"seed": seed, "rows": len(subset),
-                               "heldout_loss": [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h][-1],
-                               "clean_share": sum(int(v) for v in labels) / len(labels) if labels else None,
-                               "steps": state["global_step"],
-                               "scores": scores(out, "--adapter", out, "--skip_base")})
-            gc.collect()
+
+            def train_and_score(name=name, subset=subset, seed=seed, out=out) -> dict:
+                data = os.path.join(args.output_dir, f"{name}-seed{seed}.jsonl")
+                write_jsonl(data, subset)
+                train_target.main([args.recipe, "--model_name_or_path", args.model, "--train_file", data, *field,
+                                   "--validation_file", args.heldout, "--output_dir", out, "--overwrite_output_dir",
+                                   *steps, "--seed", str(seed), "--eval_strategy", "no", "--save_strategy", "no",
+                                   "--report_to", "none"])
+                with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as f:
+                    state = json.load(f)
+                labels = [r.get("label") for r in subset if r.get("label") is not None]
+                result = {"seed": seed, "rows": len(subset),
+                          "heldout_loss": [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h][-1],
+                          "clean_share": sum(int(v) for v in labels) / len(labels) if labels else None,
+                          "steps": state["global_step"], "scores": scores(out, "--adapter", out, "--skip_base")}
+                gc.collect()
+                return result
+
+            runs[name].append(unit(out, train_and_score))
 
     # ---- the table --------------------------------------------------------------------------------------
     columns = ([indist_task] if indist else []) + tasks

@@ -309,6 +309,23 @@ def test_selection_effect_trains_every_subset_per_seed_and_scores_in_distributio
     samples = [json.loads(line) for line in open(tmp_path / "out" / "top-seed1" / "eval0" / "samples.jsonl")]
     assert [s["doc_id"] for s in samples] == list(range(6))
 
+    # --resume: units recorded with the same settings are reused, a unit without a record runs again.
+    args = ["--scored", scored, "--model", "builtin:tiny-llama", "--heldout", heldout, "--task_file", mc, "--tasks", "",
+            "--seeds", "0,1", "--max_steps", "1", "--output_dir", str(tmp_path / "out"), "--json", "--resume"]
+    out = tmp_path / "out"
+    os.remove(out / "random-seed1" / "unit.json")
+    kept = (out / "top-seed0" / "adapter_model.safetensors").stat().st_mtime_ns
+    proc = bench("bench_selection_effect.py", *args, timeout=600)
+    resumed = last_json(proc)
+    assert proc.stdout.count("reusing ") == 6 and f"reusing {out / 'random-seed1'}" not in proc.stdout
+    assert (out / "top-seed0" / "adapter_model.safetensors").stat().st_mtime_ns == kept
+    assert (out / "random-seed1" / "unit.json").is_file()
+    assert resumed["indist"]["top"] == report["indist"]["top"]
+    assert resumed["top"]["per_seed"] == report["top"]["per_seed"]
+    # Other settings: refused in one sentence instead of mixing runs.
+    proc = bench("bench_selection_effect.py", *args, "--max_steps", "2")
+    assert proc.returncode == 2 and "recorded with other settings (max_steps)" in proc.stderr
+
 
 # ---- bench_memory_gate.py ----------------------------------------------------------------------------
 
