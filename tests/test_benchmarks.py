@@ -292,9 +292,10 @@ def test_selection_effect_trains_every_subset_per_seed_and_scores_in_distributio
     reply = pools["mc"][0]["chat"]["replies"][pools["mc"][0]["answer"]]
     assert asked["prompt"].endswith("The answer is") and pools["mc"][0]["chat"]["user"] in asked["prompt"]
     assert "The answer is " + asked["choices"][asked["answer"]] == reply
-    report = last_json(bench("bench_selection_effect.py", "--scored", scored, "--model", "builtin:tiny-llama",
-                             "--heldout", heldout, "--task_file", mc, "--tasks", "", "--seeds", "0,1",
-                             "--max_steps", "1", "--output_dir", str(tmp_path / "out"), "--json", timeout=600))
+    out = tmp_path / "out"
+    args = ["--scored", scored, "--model", "builtin:tiny-llama", "--heldout", heldout, "--task_file", mc, "--tasks", "",
+            "--seeds", "0,1", "--max_steps", "1", "--output_dir", str(out), "--json"]
+    report = last_json(bench("bench_selection_effect.py", *args, timeout=600))
     assert report["indist_questions"] == 6 and report["seeds"] == [0, 1]
     for name in ("top", "random", "bottom"):
         assert [r["seed"] for r in report[name]["per_seed"]] == [0, 1] and report[name]["rows"] == 6
@@ -306,13 +307,11 @@ def test_selection_effect_trains_every_subset_per_seed_and_scores_in_distributio
     assert top_random["in-dist"][0] == pytest.approx(report["indist"]["top"] - report["indist"]["random"])
     assert top_random["heldout_loss"][0] == pytest.approx(report["top"]["heldout_loss"]
                                                           - report["random"]["heldout_loss"])
-    samples = [json.loads(line) for line in open(tmp_path / "out" / "top-seed1" / "eval0" / "samples.jsonl")]
+    samples = [json.loads(line) for line in open(out / "top-seed1" / "eval0" / "samples.jsonl")]
     assert [s["doc_id"] for s in samples] == list(range(6))
 
     # --resume: units recorded with the same settings are reused, a unit without a record runs again.
-    args = ["--scored", scored, "--model", "builtin:tiny-llama", "--heldout", heldout, "--task_file", mc, "--tasks", "",
-            "--seeds", "0,1", "--max_steps", "1", "--output_dir", str(tmp_path / "out"), "--json", "--resume"]
-    out = tmp_path / "out"
+    args.append("--resume")
     os.remove(out / "random-seed1" / "unit.json")
     kept = (out / "top-seed0" / "adapter_model.safetensors").stat().st_mtime_ns
     proc = bench("bench_selection_effect.py", *args, timeout=600)
