@@ -1,5 +1,6 @@
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -59,3 +60,15 @@ def pool_files(tmp_path_factory, paragraphs):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run one of benchmarks/ in a fresh interpreter (what a user runs), output captured."""
+    return subprocess.run([sys.executable, os.path.join("benchmarks", script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON object a benchmark's --json prints as its last line (the run must have succeeded)."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
