@@ -21,8 +21,9 @@ SE = std / sqrt(K).
 The full run takes hours on a CPU, so every finished unit (the base model's evaluation, each subset and seed's
 training and evaluation) is recorded in its folder (``unit.json``: its results and the run's settings, written last
 and atomically). --resume reuses every unit recorded with the same settings (model, recipe, scored pool, held-out
-and question files by content, limits, epochs) and runs the rest; a unit recorded under other settings is refused in
-one sentence rather than mixed in. Without --resume every unit runs again.
+and question files by content, limits, epochs) and runs the rest. A unit trained under the same settings but
+evaluated on other questions, tasks or limits keeps its adapter and is only scored again; a unit trained under other
+settings is refused in one sentence rather than mixed in. Without --resume every unit runs again.
 
 With --json the last line printed is a JSON object with top_acc, random_acc and bottom_acc (mean accuracy over
 --tasks), the in-distribution accuracies (``indist``), the held-out losses and the differences with their SEs.
@@ -111,7 +112,8 @@ def main(argv=None) -> dict:
                         help="In-distribution multiple-choice questions ('' for none).")
     parser.add_argument("--task_format", default="chat", choices=["chat", "plain"],
                         help="chat: asked and answered as the pool's conversations; plain: 'Question: ... Answer:'.")
-    parser.add_argument("--task_limit", type=int, default=None, help="Score only the first N of --task_file.")
+    parser.add_argument("--task_limit", type=int, default=None,
+                        help="Score N of --task_file, sources taking turns (each its first questions).")
     parser.add_argument("--ratio", type=float, default=0.3, help="Share of the pool in each subset.")
     parser.add_argument("--num_train_epochs", type=float, default=2, help="Epochs over each subset.")
     parser.add_argument("--max_steps", type=int, default=-1, help="Training steps instead of epochs (> 0).")
@@ -119,7 +121,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tasks", default="arc_easy,piqa", help="lm-eval tasks ('' for none).")
     parser.add_argument("--limit", type=float, default=200, help="lm-eval examples per task.")
     parser.add_argument("--quick", action="store_true",
-                        help="One seed, the first 300 in-distribution questions, lm-eval limit 100.")
+                        help="One seed, 300 in-distribution questions (as --task_limit 300), lm-eval limit 100.")
     parser.add_argument("--output_dir", default="outputs/selection_effect")
     parser.add_argument("--resume", action="store_true",
                         help="Reuse the units (base evaluation, subset x seed) an earlier run with the same settings "
@@ -146,6 +148,7 @@ def main(argv=None) -> dict:
     from lib.models.loading import load_tokenizer
     from lib.core.cache import file_digest
     from lib.core.files import write_json, write_jsonl
+    from lib.selection.pools import by_source_in_turn
 
     # evaluate.py is a script whose name shadows the `evaluate` library: load it under another name.
     spec = importlib.util.spec_from_file_location(
@@ -155,10 +158,11 @@ def main(argv=None) -> dict:
     spec.loader.exec_module(evaluate_script)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    indist = None
+    indist, sources = None, []
     if args.task_file:
         with open(args.task_file, encoding="utf-8") as f:
-            questions = [json.loads(line) for line in f if line.strip()][:args.task_limit]
+            questions = by_source_in_turn([json.loads(line) for line in f if line.strip()], args.task_limit)
+        sources = [q.get("source") for q in questions]
         if args.task_format == "chat":
             questions = chat_questions(questions, load_tokenizer(args.model))
         indist = os.path.join(args.output_dir, "indist.jsonl")
@@ -184,19 +188,29 @@ def main(argv=None) -> dict:
                 "tasks": tasks, "limit": args.limit, "ratio": args.ratio, "num_train_epochs": args.num_train_epochs,
                 "max_steps": args.max_steps, "field": args.messages_field or args.dataset_text_field}
 
-    def unit(folder: str, compute) -> dict:
-        """``compute()``'s results for one unit, or with --resume those recorded in ``folder/unit.json``."""
+    # Settings that only change the evaluation: a unit trained under the same other settings keeps its adapter.
+    evaluation = ("questions", "tasks", "limit")
+
+    def unit(folder: str, train, score) -> dict:
+        """``train()``'s results (``{}`` for the base model) plus ``scores: score()`` for one unit; with --resume
+        those recorded in ``folder/unit.json``, re-scored when only the evaluation settings changed."""
         record = os.path.join(folder, "unit.json")
         if args.resume and os.path.isfile(record):
             with open(record, encoding="utf-8") as f:
                 saved = json.load(f)
-            if saved.get("settings") != settings:
-                changed = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
+            old = saved.get("settings", {})
+            changed = sorted(k for k in settings if old.get(k) != settings[k])
+            if not changed:
+                print(f"reusing {folder} (finished earlier with the same settings)", flush=True)
+                return saved["result"]
+            if any(k not in evaluation for k in changed):
                 raise UserError(f"--resume: {record} was recorded with other settings ({', '.join(changed)}); "
                                 "pass the same flags and files, or a new --output_dir.")
-            print(f"reusing {folder} (finished earlier with the same settings)", flush=True)
-            return saved["result"]
-        result = compute()
+            print(f"re-scoring {folder}: trained earlier with the same settings, evaluated with other "
+                  f"{', '.join(changed)}", flush=True)
+            result = {**saved["result"], "scores": score()}
+        else:
+            result = {**train(), "scores": score()}
         write_json(record, {"settings": settings, "result": result})
         return result
 
@@ -208,13 +222,13 @@ def main(argv=None) -> dict:
         ["--num_train_epochs", str(args.num_train_epochs)]
     base_dir = os.path.join(args.output_dir, "base")
     os.makedirs(base_dir, exist_ok=True)
-    base = unit(base_dir, lambda: scores(base_dir))
+    base = unit(base_dir, dict, lambda: scores(base_dir))["scores"]
     runs: dict[str, list[dict]] = {name: [] for name in SUBSETS}
     for seed in seeds:
         for name, subset in subsets(rows, args.ratio, seed).items():
             out = os.path.join(args.output_dir, f"{name}-seed{seed}")
 
-            def train_and_score(name=name, subset=subset, seed=seed, out=out) -> dict:
+            def train(name=name, subset=subset, seed=seed, out=out) -> dict:
                 data = os.path.join(args.output_dir, f"{name}-seed{seed}.jsonl")
                 write_jsonl(data, subset)
                 train_target.main([args.recipe, "--model_name_or_path", args.model, "--train_file", data, *field,
@@ -227,11 +241,11 @@ def main(argv=None) -> dict:
                 result = {"seed": seed, "rows": len(subset),
                           "heldout_loss": [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h][-1],
                           "clean_share": sum(int(v) for v in labels) / len(labels) if labels else None,
-                          "steps": state["global_step"], "scores": scores(out, "--adapter", out, "--skip_base")}
+                          "steps": state["global_step"]}
                 gc.collect()
                 return result
 
-            runs[name].append(unit(out, train_and_score))
+            runs[name].append(unit(out, train, lambda out=out: scores(out, "--adapter", out, "--skip_base")))
 
     # ---- the table --------------------------------------------------------------------------------------
     columns = ([indist_task] if indist else []) + tasks
@@ -278,6 +292,24 @@ def main(argv=None) -> dict:
         print(f"  {a} - {b}: heldout loss {loss[0]:+.4f} ± {loss[1]:.4f}; "
               + "; ".join(f"{label[c]} {d[0]:+.4f} ± {d[1]:.4f}" for c, d in diff.items()))
         summary["differences"][f"{a}-{b}"] = {"heldout_loss": loss, **{label[c]: d for c, d in diff.items()}}
+    if len(set(sources)) > 1:
+        # Sources differ in how much any training moves them; the mean over all questions can hide that.
+        print("\nin-distribution accuracy by source (mean; top - random paired, ± SE):")
+        summary["indist_by_source"] = {}
+        for source in sorted(set(sources), key=str):
+            idx = [i for i, s in enumerate(sources) if s == source]
+
+            def part(score_lists: list[list[float]], idx=idx) -> list[list[float]]:
+                return [[per_question[i] for i in idx] for per_question in score_lists]
+
+            acc = {name: part([r["scores"][indist_task] for r in runs[name]]) for name in SUBSETS}
+            row = {"questions": len(idx), "base": mean_se(part([base[indist_task]]))[0],
+                   **{name: mean_se(acc[name])[0] for name in SUBSETS},
+                   "top-random": mean_se(acc["top"], acc["random"])}
+            summary["indist_by_source"][str(source)] = row
+            print(f"  {str(source):<16}{len(idx):>5} questions: base {row['base']:.4f}, "
+                  + ", ".join(f"{name} {row[name]:.4f}" for name in SUBSETS)
+                  + f"; top - random {row['top-random'][0]:+.4f} ± {row['top-random'][1]:.4f}")
     if args.json:
         print(json.dumps(summary))
     return summary

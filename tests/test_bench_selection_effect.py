@@ -66,7 +66,7 @@ def test_selection_effect_trains_every_subset_per_seed_and_scores_in_distributio
     pools = build_instruction_pools(4, 2, 20, 4, seed=0, mc_rows=6)
     scored = write_jsonl(tmp_path / "scored.jsonl", [{**r, "selection_score": float(r["label"]) + 0.01 * i}
                                                       for i, r in enumerate(pools["candidates"])])
-    mc = write_jsonl(tmp_path / "mc.jsonl", pools["mc"])
+    mc = write_jsonl(tmp_path / "mc.jsonl", sorted(pools["mc"], key=lambda q: q["source"]))
     heldout = write_jsonl(tmp_path / "heldout.jsonl", pools["target_heldout"])
     # The chat form: the question in the chat template, the replies' opening in the prompt, the rest as choices.
     asked = chat_questions(pools["mc"][:1], load_tokenizer("builtin:tiny-llama"))[0]
@@ -105,3 +105,21 @@ def test_selection_effect_trains_every_subset_per_seed_and_scores_in_distributio
     # Other settings: refused in one sentence instead of mixing runs.
     proc = bench("bench_selection_effect.py", *args, "--max_steps", "2")
     assert proc.returncode == 2 and "recorded with other settings (max_steps)" in proc.stderr
+    # Other questions only: the adapters are kept and scored again, nothing is retrained.
+    proc = bench("bench_selection_effect.py", *args, "--task_limit", "3")
+    rescored = last_json(proc)
+    assert proc.stdout.count("re-scoring ") == 7 and "reusing " not in proc.stdout
+    assert (out / "top-seed0" / "adapter_model.safetensors").stat().st_mtime_ns == kept
+    assert rescored["indist_questions"] == 3 and rescored["top"]["per_seed"] == report["top"]["per_seed"]
+    # The 3 questions are one from each source (the file lists them by source; the limit takes sources in turn).
+    asked = [json.loads(line)["question"] for line in open(out / "indist.jsonl")]
+    assert sorted(q["source"] for q in pools["mc"] if q["question"] in asked) == \
+        ["commonsense_qa", "sciq", "social_i_qa"]
+    # Each source's accuracies are those of its questions: the means over sources, weighted by their counts.
+    by_source = rescored["indist_by_source"]
+    assert sorted(by_source) == ["commonsense_qa", "sciq", "social_i_qa"]
+    assert all(row["questions"] == 1 for row in by_source.values())
+    for name in ("top", "random", "bottom"):
+        assert sum(row[name] for row in by_source.values()) / 3 == pytest.approx(rescored["indist"][name])
+    assert sum(row["top-random"][0] for row in by_source.values()) / 3 == \
+        pytest.approx(rescored["differences"]["top-random"]["in-dist"][0])

@@ -163,6 +163,8 @@ def test_instruction_pools_are_disjoint_real_conversations():
     # The multiple-choice questions come from the same sources, a third each, and from no conversation of any file.
     assert len(mc) == 30 and sorted({q["source"] for q in mc}) == ["commonsense_qa", "sciq", "social_i_qa"]
     assert all(sum(q["source"] == s for q in mc) == 10 for s in ("sciq", "commonsense_qa", "social_i_qa"))
+    # Sources take turns, so any first N of the file is balanced (evaluate.py --limit, the benchmark's --task_limit).
+    assert len({q["source"] for q in mc[:3]}) == 3 and len({q["source"] for q in mc[-3:]}) == 3
     assert all(0 <= q["answer"] < len(q["choices"]) and len(set(q["choices"])) > 1 for q in mc)
     asked = [r["messages"][0]["content"] for rows in pools.values() for r in rows]
     assert not any(q["question"] in text for q in mc for text in asked)

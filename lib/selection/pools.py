@@ -144,15 +144,28 @@ def instruction_conversations() -> list[list[dict]]:
     return [item["messages"] for item in instruction_items()]
 
 
+def by_source_in_turn(questions: list[dict], limit: int | None = None) -> list[dict]:
+    """``questions`` reordered so sources take turns (first of each source, then second of each ...; each source in
+    file order, sources in order of first appearance; rows without ``source`` are one source), cut to ``limit``:
+    any first N of the result has every source in equal shares, as far as each has questions."""
+    rank: dict = {}
+    keys = []
+    for i, q in enumerate(questions):
+        source = q.get("source")
+        rank[source] = rank.get(source, -1) + 1
+        keys.append((rank[source], i))
+    order = sorted(range(len(questions)), key=keys.__getitem__)
+    return [questions[i] for i in order[:limit]]
+
+
 def indistribution_questions(items: list[dict], rows: int) -> list[dict]:
     """Up to ``rows`` multiple-choice questions from ``items``, the same number from each source (as far as each
-    has them), in the items' order."""
+    has them), sources taking turns (:func:`by_source_in_turn`), so the first N of the file are balanced too."""
     by_source: dict[str, list[dict]] = {}
     for item in items:
         by_source.setdefault(item["mc"]["source"], []).append(item["mc"])
     share = -(-rows // max(1, len(by_source)))
-    picked = [q for questions in by_source.values() for q in questions[:share]]
-    return picked[:rows]
+    return by_source_in_turn([q for questions in by_source.values() for q in questions[:share]], rows)
 
 
 def build_instruction_pools(router_rows: int, heldout_rows: int, candidate_rows: int, target_heldout_rows: int,
