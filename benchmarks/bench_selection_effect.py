@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does the selection matter? Train the target on the top, a random and the bottom share of one scored pool.
+r"""Does the selection matter? Train the target on the top, a random and the bottom share of one scored pool.
 
 From select_data.py's scored file, take the top 30% by selection_score, a seeded random 30% and the bottom 30%
 of the scored rows; LoRA-train the target model on each with the same recipe and epochs (train_target.py), once
@@ -12,6 +12,10 @@ differences between subsets are paired by question and seed (below).
     make demo        # or any run of select_data.py; the pools also write data/indist_mc.jsonl
     python benchmarks/bench_selection_effect.py --scored outputs/selected/scored.jsonl --json
     python benchmarks/bench_selection_effect.py --quick --json   # one seed, 300 questions, shorter lm-eval
+    # Only the source(s) the target model can answer at all, all of them in no pool file (866 SciQ questions):
+    python -m lib.selection.pools --output_dir data/mc_all --format chat --train_rows 400 --heldout_rows 100 \
+        --candidate_rows 500 --target_heldout_rows 60 --mc_rows 2598
+    python benchmarks/bench_selection_effect.py --task_file data/mc_all/indist_mc.jsonl --task_sources sciq --json
 
 Standard errors: for scores s[k][q] (seed k, question q) of one subset, or the differences of two subsets' scores
 on the same question and seed, SE^2 = var_q(mean_k s[k][q]) / n + var_k(mean_q s[k][q]) / K: the spread over
@@ -114,6 +118,8 @@ def main(argv=None) -> dict:
                         help="chat: asked and answered as the pool's conversations; plain: 'Question: ... Answer:'.")
     parser.add_argument("--task_limit", type=int, default=None,
                         help="Score N of --task_file, sources taking turns (each its first questions).")
+    parser.add_argument("--task_sources", default="",
+                        help="Only the questions of these sources (comma list of their 'source' field, e.g. sciq).")
     parser.add_argument("--ratio", type=float, default=0.3, help="Share of the pool in each subset.")
     parser.add_argument("--num_train_epochs", type=float, default=2, help="Epochs over each subset.")
     parser.add_argument("--max_steps", type=int, default=-1, help="Training steps instead of epochs (> 0).")
@@ -161,7 +167,15 @@ def main(argv=None) -> dict:
     indist, sources = None, []
     if args.task_file:
         with open(args.task_file, encoding="utf-8") as f:
-            questions = by_source_in_turn([json.loads(line) for line in f if line.strip()], args.task_limit)
+            questions = [json.loads(line) for line in f if line.strip()]
+        wanted = {s.strip() for s in args.task_sources.split(",") if s.strip()}
+        if wanted:
+            found = sorted({str(q.get("source")) for q in questions})
+            questions = [q for q in questions if q.get("source") in wanted]
+            if not questions:
+                raise UserError(f"--task_sources {args.task_sources} matches no question of {args.task_file} (its "
+                                f"sources: {', '.join(found)}); name one of those.")
+        questions = by_source_in_turn(questions, args.task_limit)
         sources = [q.get("source") for q in questions]
         if args.task_format == "chat":
             questions = chat_questions(questions, load_tokenizer(args.model))

@@ -105,21 +105,28 @@ def test_selection_effect_trains_every_subset_per_seed_and_scores_in_distributio
     # Other settings: refused in one sentence instead of mixing runs.
     proc = bench("bench_selection_effect.py", *args, "--max_steps", "2")
     assert proc.returncode == 2 and "recorded with other settings (max_steps)" in proc.stderr
+    proc = bench("bench_selection_effect.py", *args, "--task_sources", "trivia_qa")
+    assert proc.returncode == 2 and "--task_sources trivia_qa matches no question" in proc.stderr
     # Other questions only: the adapters are kept and scored again, nothing is retrained.
-    proc = bench("bench_selection_effect.py", *args, "--task_limit", "3")
+    proc = bench("bench_selection_effect.py", *args, "--task_sources", "sciq,commonsense_qa", "--task_limit", "3",
+                 timeout=600)
     rescored = last_json(proc)
     assert proc.stdout.count("re-scoring ") == 7 and "reusing " not in proc.stdout
     assert (out / "top-seed0" / "adapter_model.safetensors").stat().st_mtime_ns == kept
     assert rescored["indist_questions"] == 3 and rescored["top"]["per_seed"] == report["top"]["per_seed"]
-    # The 3 questions are one from each source (the file lists them by source; the limit takes sources in turn).
+    # The file lists the questions by source; the limit takes the two named sources in turn: CommonsenseQA (first in
+    # the file), SciQ, CommonsenseQA.
     asked = [json.loads(line)["question"] for line in open(out / "indist.jsonl")]
     assert sorted(q["source"] for q in pools["mc"] if q["question"] in asked) == \
-        ["commonsense_qa", "sciq", "social_i_qa"]
-    # Each source's accuracies are those of its questions: the means over sources, weighted by their counts.
+        ["commonsense_qa", "commonsense_qa", "sciq"]
+    # Each source's accuracies are those of its questions: the overall means are their means weighted by count.
     by_source = rescored["indist_by_source"]
-    assert sorted(by_source) == ["commonsense_qa", "sciq", "social_i_qa"]
-    assert all(row["questions"] == 1 for row in by_source.values())
+    assert {k: row["questions"] for k, row in by_source.items()} == {"commonsense_qa": 2, "sciq": 1}
+
+    def weighted(key):
+        return sum(row[key] * row["questions"] for row in by_source.values()) / 3
+
     for name in ("top", "random", "bottom"):
-        assert sum(row[name] for row in by_source.values()) / 3 == pytest.approx(rescored["indist"][name])
-    assert sum(row["top-random"][0] for row in by_source.values()) / 3 == \
+        assert weighted(name) == pytest.approx(rescored["indist"][name])
+    assert sum(row["top-random"][0] * row["questions"] for row in by_source.values()) / 3 == \
         pytest.approx(rescored["differences"]["top-random"]["in-dist"][0])
