@@ -118,6 +118,11 @@ def main(argv=None) -> dict | None:
                             "(router_config.json); pass --messages_field, or --score_tokens all for text rows.")
     masks = scoring.split.masks(device) if scoring.split else None
     max_len = args.max_seq_length or int(trained_on.get("max_seq_length") or 512)
+    # Text rows get the end token the routers were trained with (router_config.json) wherever the routers read them
+    # (perplexity runs too, whose router columns then match a router run; the token is no perplexity target).
+    # The baselines read rows as they are.
+    eos_id = (scoring.tokenizer.eos_token_id if want_router and needs not in ("text", "hidden")
+              and not args.messages_field and trained_on.get("append_eos") else None)
     scorer = alone_scorer = probe_layer = None
     if needs == "hidden":
         n_layers = scoring.model.config.get_text_config().num_hidden_layers
@@ -143,6 +148,8 @@ def main(argv=None) -> dict | None:
         "max_seq_length": max_len, "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
         "field": column, "dtype": dtype, "device_type": device.type, "score_tokens": args.score_tokens,
     }
+    if eos_id is not None:
+        manifest["append_eos"] = True
     if baseline_rows is not None:
         manifest["baseline"] = baseline_settings(args, baseline_rows, probe_layer)
     existing = check_output_dir(args, manifest)
@@ -174,7 +181,7 @@ def main(argv=None) -> dict | None:
         values = ds.select(range(start, min(n_rows, start + shard_size)))[column]
         rows = score_shard(values, scorer=scorer, tokenizer=scoring.tokenizer, args=args, max_len=max_len,
                            device=device, want_router=want_router and needs != "hidden", alone_scorer=alone_scorer,
-                           baseline=baseline,
+                           baseline=baseline, eos_id=eos_id,
                            on_rows=lambda n, skipped=0: bar.update(n + skipped))
         write_shard(shard_path(shard_dir, s), start, rows)
     bar.close()

@@ -70,7 +70,7 @@ def main(argv=None) -> str | dict:
     from lib.models.moe import ROUTERS, check_uniform_routers, keep_routers_fp32
     from lib.selection.args import RouterDataArguments, RouterTrainingArguments
     from lib.selection.checkpoint import weights_fingerprint
-    from lib.selection.data import prepare_router_datasets
+    from lib.selection.data import prepare_router_datasets, row_end_token
     from lib.selection.split import ExpertSplit
     from lib.selection.trainer import RouterTrainer, router_metrics
 
@@ -121,7 +121,8 @@ def main(argv=None) -> str | dict:
         "upcycle": upcycle,
         "scoring": {"default_score": "quality_score", "max_seq_length": data_args.max_seq_length,
                     "text_field": data_args.text_field, "messages_field": data_args.messages_field,
-                    "score_tokens": data_args.score_tokens},
+                    "score_tokens": data_args.score_tokens,
+                    "append_eos": row_end_token(data_args, tokenizer) is not None},
     }
     trainer = RouterTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -49,6 +49,7 @@ def test_only_routers_change_and_checkpoints_hold_only_what_trained(tmp_path, po
         cfg = json.load(open(os.path.join(folder, "router_config.json")))
         assert cfg["garbage_experts"] == {"0": [3], "1": [3]} and cfg["num_experts"] == 4
         assert cfg["base_model"] == "builtin:tiny-mixtral" and cfg["base_model_fingerprint"].startswith("sha256:")
+        assert cfg["scoring"]["append_eos"] is True  # text rows end with the EOS token (tests/test_row_end_token.py)
         assert not any(f.startswith("model") and f.endswith(".safetensors") for f in os.listdir(folder))
         trained = load_file(os.path.join(folder, "trainable.safetensors"))
         assert sorted(trained) == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
@@ -108,7 +109,8 @@ def test_routers_trained_on_assistant_turns_record_it_for_scoring(tmp_path, para
     out = run(tmp_path, data, "--messages_field", "messages", "--label_field", "label", "--max_steps", "2",
               "--score_tokens", "assistant", model="builtin:tiny-olmoe")
     assert "'train_no_assistant_tokens_skipped': 1" in capsys.readouterr().out  # its answer lies past 48 tokens
-    assert json.load(open(os.path.join(out, "router_config.json")))["scoring"]["score_tokens"] == "assistant"
+    scoring = json.load(open(os.path.join(out, "router_config.json")))["scoring"]
+    assert scoring["score_tokens"] == "assistant" and scoring["append_eos"] is False  # chat rows have their own end
     selected = str(tmp_path / "sel")
     select_data.main(["--router_model", out, "--data_file", data, "--messages_field", "messages", "--output_dir",
                       selected, "--disable_tqdm"])

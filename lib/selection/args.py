@@ -38,6 +38,11 @@ class RouterDataArguments:
         default="all", metadata={"help": "Tokens the routing loss and the row scores read: all, or only the assistant "
                                          "turns of chat rows (the question is still read as context; recorded in "
                                          "router_config.json for select_data.py).", "choices": SCORE_TOKENS})
+    append_eos: bool = field(
+        default=True, metadata={"help": "Text rows: append the tokenizer's EOS token to each row that fits in "
+                                        "max_seq_length, so the last position reads the whole row and a row that stops "
+                                        "early differs from the start of a longer one (chat rows end with their "
+                                        "template's end-of-turn token already). Recorded in router_config.json."})
     synthetic_negatives: bool = field(
         default=False, metadata={"help": "Make garbage rows from the good ones (seeded corruptions)."}
     )

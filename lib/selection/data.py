@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ from lib.core.data import (
 )
 from lib.core.errors import DataError
 from lib.selection.corruptions import synthetic_negatives
+from lib.selection.rows import encode_texts
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,12 +82,23 @@ def build_labelled_texts(items: list, labels: list[int], tokenizer, *, chat: boo
     return LabelledRows(texts, list(labels), spans=spans)
 
 
-def tokenize_labelled(rows: LabelledRows, tokenizer, max_seq_length: int):
+def row_end_token(data_args, tokenizer) -> int | None:
+    """The token appended to text rows (``--append_eos``), or None: chat rows end with their template's end-of-turn
+    token already, and a tokenizer without an EOS token has nothing to append."""
+    if not data_args.append_eos or data_args.messages_field:
+        return None
+    if tokenizer.eos_token_id is None:
+        logger.warning("--append_eos: this tokenizer has no EOS token; text rows are read without an end marker.")
+    return tokenizer.eos_token_id
+
+
+def tokenize_labelled(rows: LabelledRows, tokenizer, max_seq_length: int, eos_id: int | None = None):
     """A ``datasets.Dataset`` with input_ids, attention_mask, labels (-100 on garbage rows) and quality; with spans,
     also ``score_mask`` (1 on the tokens the routing loss and the row score read), and rows whose scored tokens
-    were all cut off by ``max_seq_length`` left out. Returns ``(dataset, rows left out)``."""
+    were all cut off by ``max_seq_length`` left out; ``eos_id`` is appended to text rows that fit (``encode_texts``).
+    Returns ``(dataset, rows left out)``."""
     if rows.spans is None:
-        ids = tokenizer(rows.texts, truncation=True, max_length=max_seq_length, add_special_tokens=True)["input_ids"]
+        ids, _ = encode_texts(tokenizer, rows.texts, max_seq_length, eos_id)
         masks = None
     else:
         ids, masks = encode_with_spans(tokenizer, rows.texts, rows.spans, max_seq_length)
@@ -144,7 +159,8 @@ def prepare_router_datasets(data_args, tokenizer, *, seed: int, main_process_fir
         )
     if 1 not in train_rows.quality:
         raise DataError(f"{data_args.train_file} has no good rows (label 1); the LM and routing losses need some.")
-    train_ds, cut = tokenize_labelled(train_rows, tokenizer, data_args.max_seq_length)
+    eos_id = row_end_token(data_args, tokenizer)
+    train_ds, cut = tokenize_labelled(train_rows, tokenizer, data_args.max_seq_length, eos_id)
     eval_ds = None
     summary = {"train_rows": len(train_ds), "train_garbage": train_ds["quality"].count(0),
                "train_empty_skipped": empty}
@@ -155,7 +171,7 @@ def prepare_router_datasets(data_args, tokenizer, *, seed: int, main_process_fir
         eval_rows = build_labelled_texts(eval_items, eval_labels, tokenizer, chat=chat, synthetic_kinds=eval_kinds,
                                          synthetic_ratio=data_args.synthetic_ratio, seed=seed + 1,
                                          assistant_only=assistant_only)
-        eval_ds, cut = tokenize_labelled(eval_rows, tokenizer, data_args.max_seq_length)
+        eval_ds, cut = tokenize_labelled(eval_rows, tokenizer, data_args.max_seq_length, eos_id)
         summary.update(eval_rows=len(eval_ds), eval_garbage=eval_ds["quality"].count(0))
         if assistant_only:
             summary["eval_no_assistant_tokens_skipped"] = cut

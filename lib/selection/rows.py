@@ -25,10 +25,18 @@ class PreparedRow:
     skip_reason: str | None = None
 
 
-def _encode(tokenizer, texts: list[str], max_len: int) -> tuple[list[list[int]], list[bool]]:
+def encode_texts(tokenizer, texts: list[str], max_len: int, eos_id: int | None = None
+                 ) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of ``texts`` cut at ``max_len``, and whether each was cut. With ``eos_id``, a row that fits gets
+    that end-of-sequence token appended (unless the tokenizer already ends it so): a causal model's last position
+    then reads the whole row, so a row that stops early differs from the beginning of a longer one. A row that fills
+    the window gets no end token, since its end is not in view."""
     # One token past the limit tells truncated rows apart from rows of exactly max_len tokens.
     enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_len + 1)["input_ids"]
-    return [ids[:max_len] for ids in enc], [len(ids) > max_len for ids in enc]
+    cut = [len(ids) > max_len for ids in enc]
+    if eos_id is not None:
+        enc = [ids + [eos_id] if not c and (not ids or ids[-1] != eos_id) else ids for ids, c in zip(enc, cut)]
+    return [ids[:max_len] for ids in enc], cut
 
 
 def _skip_reason_text(value: Any) -> str | None:
@@ -61,9 +69,10 @@ def row_texts(values: list, tokenizer, *, chat: bool) -> tuple[list[str | None],
 
 
 def prepare_rows(values: list, tokenizer, *, chat: bool, max_len: int, ifd: bool,
-                 assistant_only: bool = False) -> list[PreparedRow]:
+                 assistant_only: bool = False, eos_id: int | None = None) -> list[PreparedRow]:
     """Validate, render and tokenise one shard's rows. Bad rows get a ``skip_reason`` instead of an error.
-    With ``assistant_only`` (chat rows), each row's targets are its assistant turns' tokens."""
+    With ``assistant_only`` (chat rows), each row's targets are its assistant turns' tokens; ``eos_id`` (text rows
+    of routers trained with it) is appended to each row that fits, as ``encode_texts`` does, and is no target."""
     if ifd:
         return [PreparedRow(None, skip_reason=r) if r is not None else _prepare_ifd(v, tokenizer, max_len)
                 for v, r in zip(values, _skip_reasons(values, chat), strict=True)]
@@ -82,9 +91,11 @@ def prepare_rows(values: list, tokenizer, *, chat: bool, max_len: int, ifd: bool
                        PreparedRow(None, truncated=cut, skip_reason="no assistant tokens" + (
                            " within max_seq_length" if cut else "")))
         return rows
-    ids, truncated = _encode(tokenizer, [texts[i] for i in live], max_len)
+    ids, truncated = encode_texts(tokenizer, [texts[i] for i in live], max_len, eos_id)
     for i, row_ids, cut in zip(live, ids, truncated, strict=True):
-        rows[i] = PreparedRow(Item(row_ids), truncated=cut)
+        # The end token is read by the routers but is no target of perplexity: that stays the row's own.
+        ended = eos_id is not None and not cut and row_ids[-1] == eos_id
+        rows[i] = PreparedRow(Item(row_ids, [1] * (len(row_ids) - 1) + [0] if ended else None), truncated=cut)
     return rows
 
 

@@ -194,17 +194,19 @@ def run_items(scorer, items: list[Item], *, pad_id: int, device, batch_size: int
 
 
 def score_shard(values: list, *, scorer, tokenizer, args: SelectArguments, max_len: int, device,
-                want_router: bool, alone_scorer=None, baseline=None, on_rows=None) -> list[dict[str, Any]]:
+                want_router: bool, alone_scorer=None, baseline=None, on_rows=None,
+                eos_id: int | None = None) -> list[dict[str, Any]]:
     """Per-row score columns of one shard (every row gets a dict, skipped rows with nulls and a reason).
 
     ``alone_scorer`` (ifd only) scores the answers without their questions; ``baseline`` is the trained fasttext
-    or probe model (lib/selection/baselines.py).
+    or probe model (lib/selection/baselines.py); ``eos_id`` is appended to text rows that fit (routers trained
+    with ``--append_eos``).
     """
     chat = bool(args.messages_field)
     if args.score == "fasttext":
         return _fasttext_shard(values, baseline, tokenizer, chat=chat, on_rows=on_rows)
     prepared = prepare_rows(values, tokenizer, chat=chat, max_len=max_len, ifd=args.score == "ifd",
-                            assistant_only=args.score_tokens == "assistant")
+                            assistant_only=args.score_tokens == "assistant", eos_id=eos_id)
     live = [i for i, p in enumerate(prepared) if p.main is not None]
     pad_id = tokenizer.pad_token_id
     run = dict(pad_id=pad_id, device=device, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
