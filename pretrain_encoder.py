@@ -43,9 +43,9 @@ def main(argv=None) -> dict:
     from lib.models.loading import load_model_and_tokenizer, weights_fingerprint
     from lib.tools.args import EncoderDataArguments, EncoderTrainingArguments
     from lib.tools.data import load_tool_queries, load_tools, resource_matrix, tool_groups
-    from lib.tools.embeddings import embed_texts, embeddings_cache_key
+    from lib.tools.embeddings import embed_texts, embeddings_cache_key, prompted
     from lib.tools.losses import balanced_tool_weights
-    from lib.tools.modules import ToolEncoder
+    from lib.tools.modules import QueryAdaptedEncoder, ToolEncoder
     from lib.tools.trainer import EncoderTrainer, GateInProgressBar, encoder_metrics
 
     # ---- arguments and data: everything that can be wrong is refused before a model loads ---------------
@@ -88,13 +88,18 @@ def main(argv=None) -> dict:
             "embeddings", embeddings_cache_key(weights, settings, texts, args.pooling, args.embedding_layer),
             lambda: encode(texts, lambda i, _: print(f"semantic embedding {i + 1}/{len(tools)}: {names[i]}",
                                                      flush=True)))
-        query_emb, hit_queries = cached_tensor("embeddings", embeddings_cache_key(weights, settings, queries,
-                                                                                  args.pooling, args.embedding_layer),
-                                               lambda: encode(queries, None))
-    llm.clear()
+        if not args.query_lora_r:  # with query adapters the queries are encoded while training
+            query_emb, hit_queries = cached_tensor(
+                "embeddings", embeddings_cache_key(weights, settings, queries, args.pooling, args.embedding_layer),
+                lambda: encode(queries, None))
+    if args.query_lora_r:
+        model_and_tokenizer()
+    else:
+        llm.clear()
     if args.process_index == 0:
-        print(f"semantic table {tuple(semantic.shape)} ({'cached' if hit_tools else 'computed'}), query embeddings "
-              f"{tuple(query_emb.shape)} ({'cached' if hit_queries else 'computed'})", flush=True)
+        print(f"semantic table {tuple(semantic.shape)} ({'cached' if hit_tools else 'computed'}), " + (
+            f"{len(queries)} queries encoded by the LLM with LoRA r={args.query_lora_r}" if args.query_lora_r else
+            f"query embeddings {tuple(query_emb.shape)} ({'cached' if hit_queries else 'computed'})"), flush=True)
 
     # ---- encoder and data --------------------------------------------------------------------------
     set_seed(args.seed)  # the encoder's initial weights depend on the seed alone, cached embeddings or not
@@ -102,12 +107,33 @@ def main(argv=None) -> dict:
     encoder = ToolEncoder(semantic, features, d_resource=args.d_resource,
                           num_attention_heads=args.num_attention_heads, dropout=args.dropout)
 
-    def as_dataset(emb, tool, resource):
-        return datasets.Dataset.from_dict({"query_emb": emb.tolist(), "tool": tool, "resource": resource})
+    model, collator = encoder, None
+    if args.query_lora_r:
+        from peft import LoraConfig, get_peft_model
+        from transformers import DataCollatorWithPadding
+
+        llm_model, tok = model_and_tokenizer()
+        llm_model.requires_grad_(False)
+        lora = LoraConfig(r=args.query_lora_r, lora_alpha=args.query_lora_alpha or 2 * args.query_lora_r,
+                          target_modules="all-linear", lora_dropout=0.0)
+        model = QueryAdaptedEncoder(encoder, get_peft_model(llm_model, lora), pooling=args.pooling,
+                                    layer=args.embedding_layer)
+        tok.padding_side = "right"  # the pooling reads the last real token of right-padded rows
+        collator = DataCollatorWithPadding(tok)
+
+    def as_dataset(rows, tool, resource):
+        if args.query_lora_r:  # prompted query tokens; the adapted LLM embeds them at every step
+            enc = llm["tok"](prompted(rows, args.pooling), truncation=True, max_length=256)
+            columns = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        else:
+            columns = {"query_emb": rows.tolist()}
+        return datasets.Dataset.from_dict({**columns, "tool": tool, "resource": resource})
 
     n_train = len(train_q)
-    train_ds = as_dataset(query_emb[:n_train], train_t, train_r)
-    eval_ds = as_dataset(query_emb[n_train:], eval_q[1], eval_q[2]) if eval_q else None
+    train_rows = train_q if args.query_lora_r else query_emb[:n_train]
+    eval_rows = (eval_q[0] if args.query_lora_r else query_emb[n_train:]) if eval_q else None
+    train_ds = as_dataset(train_rows, train_t, train_r)
+    eval_ds = as_dataset(eval_rows, eval_q[1], eval_q[2]) if eval_q else None
 
     # ---- train (held-out accuracy at step 0, i.e. pure semantics, then every epoch) ---------------------
     # tools that do the same job share a "group" in tools.json; a tool without one is a group of its own
@@ -115,7 +141,8 @@ def main(argv=None) -> dict:
     group_of = torch.empty(len(tools), dtype=torch.long)
     for g, members in enumerate(groups):
         group_of[members] = g
-    trainer = EncoderTrainer(model=encoder, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = EncoderTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             data_collator=collator,
                              compute_metrics=encoder_metrics if eval_ds is not None else None,
                              tool_groups=group_of if len(groups) < len(tools) else None,
                              tool_weights=balanced_tool_weights(train_t, len(tools)) if args.balance_tools else None)
@@ -139,6 +166,7 @@ def main(argv=None) -> dict:
         "model_weights": weights, "pooling": args.pooling, "embedding_layer": args.embedding_layer,
         "hidden_size": int(semantic.shape[1]), "groups": {t.name: t.group for t in tools if t.group},
         "group_loss_coef": args.group_loss_coef, "balance_tools": args.balance_tools,
+        "query_lora_r": args.query_lora_r,
         "d_resource": args.d_resource or int(semantic.shape[1]), "num_attention_heads": args.num_attention_heads,
         "alpha": {"first": alphas[0], "middle": alphas[len(alphas) // 2], "last": alphas[-1]} if alphas else None,
         "step0": step0, "final": final,

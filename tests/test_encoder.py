@@ -209,6 +209,29 @@ def test_resume_equals_uninterrupted_and_mismatched_checkpoints_are_named(tmp_pa
         run(tmp_path, "--d_resource", "16", "--resume_from_checkpoint", os.path.join(full, ckpts[0]), out="bad")
 
 
+def test_query_lora_starts_at_pure_semantics_trains_adapters_only_and_resumes(tmp_path):
+    from safetensors.torch import load_file
+
+    _, frozen = run(tmp_path, out="frozen", epochs="1")
+    full, summary = run(tmp_path, "--query_lora_r", "4", "--save_strategy", "epoch", out="lora", epochs="4")
+    # LoRA's B starts at zero: the step-0 queries are the frozen embeddings, so the scores are pure semantics
+    for key in ("eval_loss", "eval_top1", "eval_top3"):
+        assert summary["step0"][key] == pytest.approx(frozen["step0"][key], abs=1e-5), key
+    tensors = load_file(os.path.join(full, "trainable.safetensors"))
+    llm_keys = [k for k in tensors if k.startswith("query_llm.")]
+    assert llm_keys and all(".lora_A." in k or ".lora_B." in k for k in llm_keys)  # the LLM's own weights stay out
+    assert any(tensors[k].abs().sum() > 0 for k in llm_keys if ".lora_B." in k)  # the adapters trained
+    assert {"tools.alpha", "tools.semantic", "tools.resources"} <= set(tensors) and summary["query_lora_r"] == 4
+    assert json.load(open(os.path.join(full, "query_adapter", "adapter_config.json")))["r"] == 4
+    ckpts = sorted((d for d in os.listdir(full) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+    resumed, _ = run(tmp_path, "--query_lora_r", "4", "--resume_from_checkpoint", os.path.join(full, ckpts[1]),
+                     out="resumed", epochs="4")
+    again = load_file(os.path.join(resumed, "trainable.safetensors"))
+    assert again.keys() == tensors.keys()
+    for k in tensors:
+        assert torch.allclose(tensors[k], again[k], atol=1e-6), k
+
+
 @pytest.mark.distributed
 @pytest.mark.xdist_group("launchers")
 def test_zero2_two_processes(tmp_path):

@@ -41,6 +41,13 @@ class EncoderTrainingArguments(FrozenBackboneTrainingArguments):
         "help": "Weigh each training query of the tool term by 1 / (queries of its tool), so that a tool with few "
                 "queries (a lone tool's handful of semantic examples) counts as much as a pair member with "
                 "thousands of generated resource queries."})
+    query_lora_r: int = field(default=0, metadata={
+        "help": "Rank of LoRA adapters on the LLM that encodes the queries (all its linear layers; they start at "
+                "zero, so step 0 is still pure semantics), trained with the encoder at --query_learning_rate: "
+                "queries learn which resource their wish names. 0: frozen queries, embedded once and cached."})
+    query_lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha of the query adapters "
+                                                                           "(null: twice the rank)."})
+    query_learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the query adapters."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Queries per device per step."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps (gate/alpha every step by default)."})
@@ -59,6 +66,8 @@ class EncoderTrainingArguments(FrozenBackboneTrainingArguments):
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}.")
         if self.group_loss_coef < 0:
             raise UserError(f"--group_loss_coef must be 0 or more, got {self.group_loss_coef}.")
+        if self.query_lora_r < 0:
+            raise UserError(f"--query_lora_r must be 0 (frozen queries) or a positive rank, got {self.query_lora_r}.")
         if self.d_resource is not None and self.d_resource < 1:
             raise UserError(f"--d_resource must be positive or null, got {self.d_resource}.")
 

@@ -23,6 +23,22 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def prompted(texts: list[str], pooling: str, template: str = PROMPT_TEMPLATE) -> list[str]:
+    """The texts as the LLM reads them: inside ``template`` for ``prompt_last``, as they are otherwise."""
+    return [template.format(text=t) for t in texts] if pooling == "prompt_last" else list(texts)
+
+
+def pool_batch(model, enc, *, pooling: str, layer: int = -1) -> torch.Tensor:
+    """Pooled hidden states (fp32) of one right-padded batch ``enc`` (``input_ids``, ``attention_mask``) read by
+    ``model``'s decoder (no LM head); gradients flow when the caller allows them (a query-side LoRA trains so)."""
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if layer == -1:
+        hidden = model.base_model(**inputs, use_cache=False)[0]
+    else:
+        hidden = model.base_model(**inputs, use_cache=False, output_hidden_states=True).hidden_states[layer]
+    return pool_hidden(hidden.float(), enc["attention_mask"], "last" if pooling == "prompt_last" else pooling)
+
+
 @torch.inference_mode()
 def embed_texts(model, tokenizer, texts: list[str], *, pooling: str, layer: int = -1,
                 template: str = PROMPT_TEMPLATE, batch_size: int = 16, max_length: int = 256,
@@ -32,19 +48,13 @@ def embed_texts(model, tokenizer, texts: list[str], *, pooling: str, layer: int 
     ``pooling``: one of :data:`POOLINGS`; ``prompt_last`` reads the last token of ``template`` around the text.
     ``layer``: the hidden states after that decoder layer (-1: the last, after the final norm)."""
     device = next(model.parameters()).device
-    if pooling == "prompt_last":
-        texts = [template.format(text=t) for t in texts]
+    texts = prompted(texts, pooling, template)
     out = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
                         padding_side="right").to(device)
-        if layer == -1:
-            hidden = model.base_model(**enc, use_cache=False)[0]
-        else:
-            hidden = model.base_model(**enc, use_cache=False, output_hidden_states=True).hidden_states[layer]
-        pooled = pool_hidden(hidden.float(), enc["attention_mask"], "last" if pooling == "prompt_last" else pooling)
-        out.append(pooled.cpu())
+        out.append(pool_batch(model, enc, pooling=pooling, layer=layer).cpu())
         if progress is not None:
             for i, text in enumerate(chunk):
                 progress(start + i, text)

@@ -68,3 +68,31 @@ class ToolEncoder(nn.Module):
         """``(tool vectors, residual)``; one call, so data-parallel wrappers see every trained parameter used."""
         residual = self.residual()
         return self.semantic + residual, residual
+
+
+class QueryAdaptedEncoder(nn.Module):
+    """The tool encoder plus a LoRA-adapted LLM that encodes the queries (``--query_lora_r``).
+
+    With frozen queries a wish like "within 50 ms" can only move the scores along directions the frozen embedding
+    happens to give it; training low-rank adapters of the LLM lets the queries themselves learn to say which
+    resource they care about. The adapters start at zero (PEFT initialises LoRA's B to zero), so at step 0 the
+    queries are the frozen embeddings and the scores are still pure semantics. The tool table stays the frozen
+    model's (computed before the adapters exist).
+    """
+
+    def __init__(self, tools: ToolEncoder, query_llm: nn.Module, *, pooling: str, layer: int = -1):
+        super().__init__()
+        self.tools = tools
+        self.query_llm = query_llm  # a PEFT model: only its adapters train
+        self.pooling, self.layer = pooling, layer
+        self.config = tools.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(query embeddings, tool vectors, residual)`` for one right-padded batch of prompted queries."""
+        from lib.tools.embeddings import pool_batch
+
+        query = pool_batch(self.query_llm.get_base_model(), {"input_ids": input_ids, "attention_mask": attention_mask},
+                           pooling=self.pooling, layer=self.layer)
+        tool_vectors, residual = self.tools()
+        return query, tool_vectors, residual

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from lib.core.callbacks import ProgressBarPostfix
 from lib.core.trainer import FrozenBackboneTrainer
 from lib.tools.losses import group_loss, residual_logits, tool_encoder_loss, tool_logits
+from lib.tools.modules import QueryAdaptedEncoder, ToolEncoder
 
 
 class EncoderTrainer(FrozenBackboneTrainer):
     """Cross-entropy over all tools, plus the resource-only term on resource-dependent queries, plus (with
     ``tool_groups``, one id per tool) a cross-entropy of each query against the tools of its target's group.
-    ``tool_weights`` (one per tool) weigh the training rows of the tool term by their tool."""
+    ``tool_weights`` (one per tool) weigh the training rows of the tool term by their tool. The model is a
+    :class:`ToolEncoder` (batches carry frozen ``query_emb``) or a :class:`QueryAdaptedEncoder` (batches carry
+    the prompted queries' ``input_ids``; its adapters train at ``--query_learning_rate``)."""
 
     def __init__(self, *args, tool_groups: torch.Tensor | None = None, tool_weights: torch.Tensor | None = None,
                  **kwargs):
@@ -21,17 +26,50 @@ class EncoderTrainer(FrozenBackboneTrainer):
         self.tool_groups = tool_groups
         self.tool_weights = tool_weights
 
+    def tool_encoder(self, model=None) -> ToolEncoder:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        return model.tools if isinstance(model, QueryAdaptedEncoder) else model
+
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        # The semantic table and the resource features are buffers: small, and needed to use the encoder.
+        # The semantic table and the resource features are buffers: small, and needed to use the encoder (the
+        # LLM's own buffers, e.g. rotary frequencies, are not).
         tensors = super().checkpoint_tensors()
-        encoder = self.accelerator.unwrap_model(self.model)
-        tensors.update({n: b.detach().cpu().clone().contiguous() for n, b in encoder.named_buffers()})
+        model = self.accelerator.unwrap_model(self.model)
+        prefix = "tools." if isinstance(model, QueryAdaptedEncoder) else ""
+        tensors.update({prefix + n: b.detach().cpu().clone().contiguous()
+                        for n, b in self.tool_encoder().named_buffers()})
         return tensors
 
+    def save_component_files(self, output_dir: str) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, QueryAdaptedEncoder):  # the query adapter also in PEFT's own format
+            model.query_llm.save_pretrained(os.path.join(output_dir, "query_adapter"))
+
+    def create_optimizer(self, model=None):
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.optimizer is None and isinstance(model, QueryAdaptedEncoder):
+            # AdamW as the Trainer builds it, with the query adapters at their own (much smaller) learning rate
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            decay = set(self.get_decay_parameter_names(model))
+            groups = []
+            for adapter in (False, True):
+                for with_decay in (True, False):
+                    params = [p for n, p in model.named_parameters() if p.requires_grad
+                              and n.startswith("query_llm.") == adapter and (n in decay) == with_decay]
+                    if params:
+                        groups.append({"params": params, "weight_decay": self.args.weight_decay if with_decay else 0.0,
+                                       **({"lr": self.args.query_learning_rate} if adapter else {})})
+            self.optimizer = optimizer_cls(groups, **kwargs)
+            return self.optimizer
+        return super().create_optimizer(model)
+
     def _scores(self, model, inputs):
-        tools, residual = model()
-        encoder = self.accelerator.unwrap_model(model)
-        query = inputs["query_emb"].float()
+        encoder = self.tool_encoder(model)
+        if "input_ids" in inputs:
+            query, tools, residual = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        else:
+            tools, residual = model()
+            query = inputs["query_emb"].float()
         logits = tool_logits(query, tools, encoder.center, self.args.temperature)
         res = residual_logits(query, residual, encoder.semantic, encoder.center, self.args.temperature)
         return encoder, logits, res
