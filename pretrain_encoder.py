@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     from lib.models.loading import load_model_and_tokenizer, weights_fingerprint
     from lib.tools.args import EncoderDataArguments, EncoderTrainingArguments
     from lib.tools.data import load_tool_queries, load_tools, resource_matrix, tool_groups
-    from lib.tools.embeddings import embed_texts, embeddings_cache_key, prompted
+    from lib.tools.embeddings import MAX_LENGTH, embed_texts, embeddings_cache_key, prompted
     from lib.tools.losses import balanced_tool_weights
     from lib.tools.modules import QueryAdaptedEncoder, ToolEncoder
     from lib.tools.trainer import EncoderTrainer, GateInProgressBar, encoder_metrics
@@ -92,9 +92,7 @@ def main(argv=None) -> dict:
             query_emb, hit_queries = cached_tensor(
                 "embeddings", embeddings_cache_key(weights, settings, queries, args.pooling, args.embedding_layer),
                 lambda: encode(queries, None))
-    if args.query_lora_r:
-        model_and_tokenizer()
-    else:
+    if not args.query_lora_r:  # the adapted LLM encodes the queries while training
         llm.clear()
     if args.process_index == 0:
         print(f"semantic table {tuple(semantic.shape)} ({'cached' if hit_tools else 'computed'}), " + (
@@ -121,19 +119,19 @@ def main(argv=None) -> dict:
         tok.padding_side = "right"  # the pooling reads the last real token of right-padded rows
         collator = DataCollatorWithPadding(tok)
 
-    def as_dataset(rows, tool, resource):
-        if args.query_lora_r:  # prompted query tokens; the adapted LLM embeds them at every step
-            enc = llm["tok"](prompted(rows, args.pooling), truncation=True, max_length=256)
-            columns = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        else:
-            columns = {"query_emb": rows.tolist()}
-        return datasets.Dataset.from_dict({**columns, "tool": tool, "resource": resource})
+        def query_columns(start, stop):  # prompted query tokens; the adapted LLM embeds them at every step
+            enc = tok(prompted(queries[start:stop], args.pooling), truncation=True, max_length=MAX_LENGTH)
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    else:
+        def query_columns(start, stop):
+            return {"query_emb": query_emb[start:stop].tolist()}
+
+    def as_dataset(start, stop, tool, resource):
+        return datasets.Dataset.from_dict({**query_columns(start, stop), "tool": tool, "resource": resource})
 
     n_train = len(train_q)
-    train_rows = train_q if args.query_lora_r else query_emb[:n_train]
-    eval_rows = (eval_q[0] if args.query_lora_r else query_emb[n_train:]) if eval_q else None
-    train_ds = as_dataset(train_rows, train_t, train_r)
-    eval_ds = as_dataset(eval_rows, eval_q[1], eval_q[2]) if eval_q else None
+    train_ds = as_dataset(0, n_train, train_t, train_r)
+    eval_ds = as_dataset(n_train, len(queries), eval_q[1], eval_q[2]) if eval_q else None
 
     # ---- train (held-out accuracy at step 0, i.e. pure semantics, then every epoch) ---------------------
     # tools that do the same job share a "group" in tools.json; a tool without one is a group of its own

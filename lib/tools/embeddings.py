@@ -10,6 +10,7 @@ import torch
 # PromptEOL: asking for the text's meaning in one word makes the last token sum the whole text up.
 PROMPT_TEMPLATE = 'This sentence: "{text}" means in one word: "'
 POOLINGS = ("mean", "weighted_mean", "last", "prompt_last")
+MAX_LENGTH = 256  # tokens of one prompted text the LLM reads; longer ones are cut
 
 
 def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -41,7 +42,7 @@ def pool_batch(model, enc, *, pooling: str, layer: int = -1) -> torch.Tensor:
 
 @torch.inference_mode()
 def embed_texts(model, tokenizer, texts: list[str], *, pooling: str, layer: int = -1,
-                template: str = PROMPT_TEMPLATE, batch_size: int = 16, max_length: int = 256,
+                template: str = PROMPT_TEMPLATE, batch_size: int = 16, max_length: int = MAX_LENGTH,
                 progress=None) -> torch.Tensor:
     """One frozen forward pass per text (batched), pooled hidden states in fp32.
 
