@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
         SafeCallback,
         load_user_callbacks,
     )
-    from lib.core.files import write_json
+    from lib.core.files import write_json, write_jsonl
     from lib.core.hub import check_push_to_hub
     from lib.core.training_args import check_eval_data, prepare_output_dir
     from lib.models.args import ModelArguments
@@ -155,6 +155,13 @@ def main(argv=None) -> dict:
         final = last[-1] if last else trainer.evaluate()
     trainer.save_model(args.output_dir)
     trainer.save_state()
+    if eval_ds is not None:  # what each held-out query got, to see which ones fail
+        ranked = trainer.predict(eval_ds, metric_key_prefix="eval").predictions.argsort(-1)[:, ::-1][:, :3]
+        if trainer.is_world_process_zero():
+            write_jsonl(os.path.join(args.output_dir, "heldout_predictions.jsonl"), [
+                {"query": q, "tool": names[t], "kind": "resource" if r else "semantic", "correct": bool(top[0] == t),
+                 "predicted": names[top[0]], "top3": [names[i] for i in top]}
+                for q, t, r, top in zip(eval_q[0], eval_q[1], eval_q[2], ranked.tolist(), strict=True)])
 
     # ---- report ------------------------------------------------------------------------------------
     step0 = next((h for h in trainer.state.log_history if "eval_top1" in h and h.get("step") == 0), None)

@@ -176,6 +176,11 @@ def test_training_opens_the_gate_logs_and_caches_embeddings(tmp_path, monkeypatc
     assert len(steps) == state["global_step"]  # gate/alpha every step
     assert all("train/tool_acc" in h and "loss/resource" in h and "loss/group" in h for h in steps)
     assert {"eval_top1", "eval_top3", "eval_top1_semantic", "eval_top1_resource"} <= set(summary["final"])
+    predictions = [json.loads(line) for line in open(os.path.join(out, "heldout_predictions.jsonl"))]
+    held_rows = [json.loads(line) for line in open(query_files(tmp_path)[1])]
+    assert [p["query"] for p in predictions] == [r["query"] for r in held_rows]
+    assert all(p["predicted"] == p["top3"][0] and p["correct"] == (p["predicted"] == p["tool"]) for p in predictions)
+    assert sum(p["correct"] for p in predictions) / len(predictions) == pytest.approx(summary["final"]["eval_top1"])
     first_eval = next(h for h in state["log_history"] if "eval_top1" in h)
     assert first_eval["step"] == 0 and first_eval["eval_gate/alpha"] == 0.0  # step 0: semantics only
     config = json.load(open(os.path.join(out, "encoder_config.json")))
@@ -234,22 +239,37 @@ def test_query_lora_starts_at_pure_semantics_trains_adapters_only_and_resumes(tm
 
 @pytest.mark.distributed
 @pytest.mark.xdist_group("launchers")
-def test_zero2_two_processes(tmp_path):
+@pytest.mark.parametrize("zero,lora", [("zero2", []), ("zero2", ["--query_lora_r", "4"]), ("zero3", ["--query_lora_r", "4"])])
+def test_deepspeed_two_processes(tmp_path, zero, lora):
+    from safetensors.torch import load_file
+
     from tests.test_distributed import run_launcher
 
     train, held = query_files(tmp_path)
+    out = tmp_path / "ds"
     proc = run_launcher("deepspeed", "pretrain_encoder.py", [
         "--model_name_or_path", "builtin:tiny-llama", "--tools_file", tools_file(tmp_path), "--train_file", train,
-        "--validation_file", held, "--output_dir", str(tmp_path / "z2"), "--num_train_epochs", "2",
+        "--validation_file", held, "--output_dir", str(out), "--num_train_epochs", "2",
         "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--num_attention_heads", "4",
-        "--report_to", "none", "--deepspeed", "ds_configs/zero2.json"])
+        "--report_to", "none", "--deepspeed", f"ds_configs/{zero}.json", *lora])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.load(open(tmp_path / "z2" / "encoder_config.json"))
+    summary = json.load(open(out / "encoder_config.json"))
     assert abs(summary["alpha"]["last"]) > 0
     # eval_on_start works under DeepSpeed: the step-0 evaluation is pure semantics, gate shut.
     assert summary["step0"]["step"] == 0 and summary["step0"]["eval_gate/alpha"] == 0.0
     # Both processes trained as one job: 48 training queries, 8 per process and step, so 3 steps per epoch.
-    assert json.load(open(tmp_path / "z2" / "trainer_state.json"))["global_step"] == 6
+    assert json.load(open(out / "trainer_state.json"))["global_step"] == 6
+    # the held-out predictions come back whole and in order from both processes
+    predictions = [json.loads(line) for line in open(out / "heldout_predictions.jsonl")]
+    assert [p["query"] for p in predictions] == [json.loads(line)["query"] for line in open(held)]
+    tensors = load_file(out / "trainable.safetensors")
+    adapters = [k for k in tensors if k.startswith("query_llm.")]
+    if lora:  # the adapters are saved whole (not ZeRO-3 partitions) and trained
+        assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
+        assert all(tensors[k].numel() > 0 for k in adapters)
+        assert any(tensors[k].abs().sum() > 0 for k in adapters if ".lora_B." in k)
+    else:
+        assert not adapters
 
 
 def test_example_tool_set_is_valid_and_its_query_files_are_current():

@@ -36,8 +36,10 @@ class EncoderTrainer(FrozenBackboneTrainer):
         tensors = super().checkpoint_tensors()
         model = self.accelerator.unwrap_model(self.model)
         prefix = "tools." if isinstance(model, QueryAdaptedEncoder) else ""
+        encoder = self.tool_encoder()
+        kept = encoder.state_dict().keys()  # not the non-persistent last_alpha
         tensors.update({prefix + n: b.detach().cpu().clone().contiguous()
-                        for n, b in self.tool_encoder().named_buffers()})
+                        for n, b in encoder.named_buffers() if n in kept})
         return tensors
 
     def save_component_files(self, output_dir: str) -> None:
@@ -91,7 +93,7 @@ class EncoderTrainer(FrozenBackboneTrainer):
         self.record("loss/resource", resource_ce.detach() * n_res, n_res)
         self.record("train/tool_acc" if model.training else "tool_acc",
                     (logits.argmax(-1) == target).float().sum(), n)
-        self.record("gate/alpha", encoder.alpha.detach())
+        self.record("gate/alpha", encoder.last_alpha)
         return (loss, logits) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -121,4 +123,4 @@ class GateInProgressBar(ProgressBarPostfix):
     """Shows the gate value in the training progress bar (``α=0.0123``)."""
 
     def __init__(self, encoder, callback_handler):
-        super().__init__(callback_handler, lambda: f"α={encoder.alpha.item():.4f}")
+        super().__init__(callback_handler, lambda: f"α={encoder.last_alpha.item():.4f}")
