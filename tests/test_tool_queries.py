@@ -108,26 +108,6 @@ def test_examples_give_the_task_phrasings(tmp_path):
     assert next(r["tool"] for r in train if r["query"] == "Transcribe this podcast episode on a phone.") == "asr-tiny"
 
 
-def test_description_tasks_add_one_description_phrasing_per_training_wish(tmp_path):
-    tools = load_tools(tools_file(tmp_path))
-    examples = [{"query": "Transcribe this podcast episode", "tool": "asr-large"},
-                {"query": "Write down what is said in this voicemail", "tool": "asr-tiny"}]
-    plain_train, plain_held = generate(tools, examples, heldout_every=4)
-    train, held = generate(tools, examples, heldout_every=4, description_tasks=True)
-    assert held == plain_held  # held-out rows are untouched
-    added = [r for r in train if r not in plain_train]
-    assert plain_train == [r for r in train if r in plain_train]
-    # one per training wish of the group, each with one of the phrasings of "Speech recognition", in turn
-    wishes = [w for w, is_held in group_wishes(tools, [0, 1], 4) if not is_held]
-    assert len(added) == len(wishes)
-    phrasings = ("Speech recognition ", "Please do this: Speech recognition ", "I need speech recognition ",
-                 "Can you handle speech recognition ", "Help me with speech recognition ", "Run speech recognition ")
-    assert all(r["query"].startswith(phrasings[j % 6]) for j, r in enumerate(added))
-    assert [r["tool"] for r in added] == [tools[w.target].name for w in wishes]
-    # without examples the descriptions already give the phrasings: nothing changes
-    assert generate(tools, None, 4, description_tasks=True) == generate(tools, None, 4)
-
-
 def test_cli_writes_both_files_and_says_when_no_tool_has_a_group(tmp_path, capsys):
     examples = write_jsonl(tmp_path / "ex.jsonl", [{"query": "Transcribe this call", "tool": "asr-large"}])
     out = tmp_path / "q"

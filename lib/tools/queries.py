@@ -252,17 +252,10 @@ def sentence(task: str, wish: str) -> str:
     return f"{task[0].upper() + task[1:]} {wish}."
 
 
-def group_task(tools: list[Tool], members: list[int]) -> str:
-    """A group's task from its members' descriptions: the words they share, or the first one's first clause."""
-    shared = shared_words([tools[m].description for m in members]) if len(members) > 1 else ""
-    return description_task(shared or tools[members[0]].description)
-
-
-def generate(tools: list[Tool], examples: list[dict] | None = None, heldout_every: int = 4,
-             description_tasks: bool = False) -> tuple[list[dict], list[dict]]:
+def generate(tools: list[Tool], examples: list[dict] | None = None, heldout_every: int = 4
+             ) -> tuple[list[dict], list[dict]]:
     """``(train rows, held-out rows)`` of ``{"query", "tool", "kind"}`` for a tool set; ``heldout_every`` 0 holds
-    nothing out. With ``description_tasks``, a group whose task phrasings come from examples also gets its
-    description's phrasings: each wish comes once more, with one of them in turn (training rows only)."""
+    nothing out."""
     names = [t.name for t in tools]
     groups = tool_groups(tools)
     group_of = {names[i]: g for g, members in enumerate(groups) for i in members}
@@ -276,8 +269,10 @@ def generate(tools: list[Tool], examples: list[dict] | None = None, heldout_ever
             train.append({"query": row["query"], "tool": row["tool"], "kind": row.get("kind") or "semantic"})
     heldout: list[dict] = []
     for g, members in enumerate(groups):
-        phrasings = tasks[g] or task_phrasings(group_task(tools, members))
-        extra = task_phrasings(group_task(tools, members)) if description_tasks and tasks[g] else []
+        phrasings = tasks[g]
+        if not phrasings:
+            task = shared_words([tools[m].description for m in members]) if len(members) > 1 else ""
+            phrasings = task_phrasings(description_task(task or tools[members[0]].description))
         split = {held: [p for i, p in enumerate(phrasings) if held_out(i, heldout_every) == held]
                  for held in (False, True)}
         if not split[True] and heldout_every:
@@ -287,11 +282,8 @@ def generate(tools: list[Tool], examples: list[dict] | None = None, heldout_ever
                 rows.extend({"query": p.rstrip(".") + ".", "tool": names[members[0]], "kind": "semantic"}
                             for p in split[held])
             continue
-        trained = 0
         for wish, held in group_wishes(tools, members, heldout_every):
-            turn = [] if held or not extra else [extra[trained % len(extra)]]
-            trained += not held
-            for task in split[held] + turn:
+            for task in split[held]:
                 (heldout if held else train).append({"query": sentence(task, wish.text), "tool": names[wish.target],
                                                      "kind": "resource"})
     return train, heldout
@@ -309,9 +301,6 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", required=True, help="Where train_queries.jsonl and heldout_queries.jsonl go.")
     parser.add_argument("--heldout_every", type=int, default=4,
                         help="Hold out every N-th phrasing of each list (0: hold out nothing; no held-out file).")
-    parser.add_argument("--description_tasks", action="store_true",
-                        help="With --examples, also pair each training wish with a task phrasing made from the "
-                             "group's descriptions (one per wish, in turn): more task wordings to learn from.")
     args = parser.parse_args(argv)
     if args.heldout_every < 0:
         raise UserError(f"--heldout_every must be 0 or more, got {args.heldout_every}.")
@@ -330,7 +319,7 @@ def main(argv=None) -> None:
     if not any(t.group for t in tools):
         print(f"note: no tool in {args.tools_file} has a 'group', so no resource queries are written; give tools "
               "that do the same job the same \"group\": \"<job>\"", flush=True)
-    train, heldout = generate(tools, examples, args.heldout_every, args.description_tasks)
+    train, heldout = generate(tools, examples, args.heldout_every)
     os.makedirs(args.output_dir, exist_ok=True)
     files = [("train_queries.jsonl", train)] + ([("heldout_queries.jsonl", heldout)] if args.heldout_every else [])
     for name, rows in files:
