@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
             write_jsonl(os.path.join(args.output_dir, "heldout_predictions.jsonl"), [
                 {"query": q, "tool": names[t], "kind": "resource" if r else "semantic", "correct": bool(top[0] == t),
                  "predicted": names[top[0]], "top3": [names[i] for i in top]}
-                for q, t, r, top in zip(eval_q[0], eval_q[1], eval_q[2], ranked.tolist(), strict=True)])
+                for q, t, r, top in zip(*eval_q, ranked.tolist(), strict=True)])
 
     # ---- report ------------------------------------------------------------------------------------
     step0 = next((h for h in trainer.state.log_history if "eval_top1" in h and h.get("step") == 0), None)

@@ -113,6 +113,39 @@ def test_the_gate_gets_a_gradient_while_closed():
     assert enc.fuse_out.weight.grad.abs().sum() == 0
 
 
+def test_predict_returns_what_its_steps_record_and_leaves_none_for_the_next_evaluation(tmp_path):
+    import datasets
+
+    from lib.tools.args import EncoderTrainingArguments
+    from lib.tools.trainer import EncoderTrainer, encoder_metrics
+
+    def rows(seed):
+        g = torch.Generator().manual_seed(seed)
+        return datasets.Dataset.from_dict({"query_emb": torch.randn(6, 64, generator=g).tolist(),
+                                           "tool": [0, 1, 2, 3, 0, 1], "resource": [True, True] + [False] * 4})
+
+    def trainer():
+        args = EncoderTrainingArguments(output_dir=str(tmp_path), report_to="none", per_device_eval_batch_size=4,
+                                        num_attention_heads=4, eval_strategy="no", use_cpu=True)
+        return EncoderTrainer(model=encoder(), args=args, compute_metrics=encoder_metrics)
+
+    def measured(metrics):  # timings aside
+        return {k: v for k, v in metrics.items() if not k.endswith(("runtime", "per_second", "preparation_time"))}
+
+    def logged_evaluation(t, data):  # what evaluate logs: its metrics and what its steps recorded
+        t.evaluate(data)
+        return measured(t.state.log_history[-1])
+
+    used = trainer()
+    predicted = measured(used.predict(rows(0), metric_key_prefix="eval").metrics)
+    assert {"eval_top1", "eval_loss/tool", "eval_loss/resource", "eval_gate/alpha"} <= set(predicted)
+    assert predicted["eval_gate/alpha"] == 0.0
+    assert logged_evaluation(used, rows(0)).items() >= predicted.items()  # the same numbers evaluate logs
+    # an evaluation after predict averages its own batches only, as a fresh trainer's does
+    used.predict(rows(0))
+    assert logged_evaluation(used, rows(1)) == logged_evaluation(trainer(), rows(1))
+
+
 def test_group_loss_contrasts_a_query_with_its_group_only():
     logits = torch.randn(5, 4, requires_grad=True)
     groups = torch.tensor([0, 0, 1, 2])  # fast-asr and big-asr do the same job

@@ -69,6 +69,13 @@ class FrozenBackboneTrainer(Trainer):
         self._metrics[mode].clear()
         return out
 
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """As the Trainer's, with what its steps :meth:`record` in the returned metrics: ``predict`` logs nothing,
+        and left recorded they would be averaged into the next evaluation's logs."""
+        output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        recorded = {f"{metric_key_prefix}_{k}": v for k, v in self._pop_metrics("eval").items()}
+        return output._replace(metrics={**output.metrics, **recorded})
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         metrics = self._pop_metrics(mode)

@@ -40,8 +40,9 @@ class ToolEncoder(nn.Module):
         # Shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot take.
         self.alpha = nn.Parameter(torch.zeros(1))
         # alpha as the last forward pass saw it, for logs: under ZeRO-3 the parameter itself is only whole inside
-        # forward (gathered by DeepSpeed's hooks) and an empty partition everywhere else.
-        self.register_buffer("last_alpha", torch.zeros(1), persistent=False)
+        # forward (gathered by DeepSpeed's hooks) and an empty partition everywhere else. A plain tensor, not a
+        # buffer: it is no part of the model's state.
+        self.last_alpha = torch.zeros(1)
         # Trainer/DeepSpeed read sizes (e.g. for "auto" bucket sizes) from a config.
         self.config = PretrainedConfig(hidden_size=hidden, num_tools=num_tools, d_resource=d_resource,
                                        num_attention_heads=num_attention_heads)
@@ -70,7 +71,7 @@ class ToolEncoder(nn.Module):
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tool vectors, residual)``; one call, so data-parallel wrappers see every trained parameter used."""
         residual = self.residual()
-        self.last_alpha.copy_(self.alpha.detach())
+        self.last_alpha = self.alpha.detach().clone()
         return self.semantic + residual, residual
 
 

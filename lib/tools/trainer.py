@@ -36,10 +36,8 @@ class EncoderTrainer(FrozenBackboneTrainer):
         tensors = super().checkpoint_tensors()
         model = self.accelerator.unwrap_model(self.model)
         prefix = "tools." if isinstance(model, QueryAdaptedEncoder) else ""
-        encoder = self.tool_encoder()
-        kept = encoder.state_dict().keys()  # not the non-persistent last_alpha
         tensors.update({prefix + n: b.detach().cpu().clone().contiguous()
-                        for n, b in encoder.named_buffers() if n in kept})
+                        for n, b in self.tool_encoder().named_buffers()})
         return tensors
 
     def save_component_files(self, output_dir: str) -> None:
