@@ -158,3 +158,29 @@ def test_shipped_held_out_wishes_are_unseen_in_the_generated_training_queries():
                 task = len(os.path.commonprefix(words))
                 wishes |= {" ".join(w[task:]) for w in words}
         assert wishes and not [w for w in wishes if w in train_text], folder
+
+
+def test_services_second_look_uses_new_task_phrasings_with_training_wishes_and_right_labels():
+    # recipes/tools/services/more_heldout_queries.jsonl: 12 task phrasings no training query has, each with four
+    # wishes that training does have, labelled with the member of the group best on the wished resource
+    folder = os.path.join(ROOT, "recipes", "tools", "services")
+    tools = load_tools(os.path.join(folder, "tools.json"))
+    with open(os.path.join(folder, "examples.jsonl")) as f:
+        train = [r["query"] for r in generate(tools, [json.loads(line) for line in f], heldout_every=0)[0]]
+    with open(os.path.join(folder, "more_heldout_queries.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    best = {"as fast as possible": ("p95_latency_ms", min), "with the highest accuracy": ("quality", max),
+            "as cheaply as possible": ("price_per_1k_calls_usd", min), "for a legal filing": ("quality", max)}
+    group_of = {t.name: t.group for t in tools}
+    tasks = set()
+    for row in rows:
+        wish = next(w for w in best if row["query"].endswith(f" {w}."))
+        task = row["query"][:-len(wish) - 2]
+        tasks.add(task)
+        assert not any(q.startswith(task) for q in train), task
+        assert any(q.endswith(f" {wish}.") for q in train), wish
+        key, better = best[wish]
+        members = [t for t in tools if t.group == group_of[row["tool"]]]
+        assert row["kind"] == "resource" and len(members) == 2
+        assert row["tool"] == better(members, key=lambda t, key=key: t.resources[key]).name, row["query"]
+    assert len(rows) == 48 and len(tasks) == 12
