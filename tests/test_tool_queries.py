@@ -129,16 +129,20 @@ def test_cli_writes_both_files_and_says_when_no_tool_has_a_group(tmp_path, capsy
         main(["--tools_file", tools_file(tmp_path), "--examples", bad, "--output_dir", str(out)])
 
 
+def generated_from_examples(folder: str) -> list[dict]:
+    """The training queries the generator writes from a shipped set's tools.json and examples.jsonl."""
+    tools = load_tools(os.path.join(folder, "tools.json"))
+    with open(os.path.join(folder, "examples.jsonl")) as f:
+        return generate(tools, [json.loads(line) for line in f], heldout_every=0)[0]
+
+
 def test_shipped_held_out_wishes_are_unseen_in_the_generated_training_queries():
     from recipes.tools import make_queries
 
     for folder in ("tools", os.path.join("tools", "services")):
         held = os.path.join(ROOT, "recipes", folder, "heldout_queries.jsonl")
-        tools = load_tools(os.path.join(ROOT, "recipes", folder, "tools.json"))
-        examples = os.path.join(ROOT, "recipes", folder, "examples.jsonl")
-        if os.path.exists(examples):
-            with open(examples) as f:
-                train, _ = generate(tools, [json.loads(line) for line in f], heldout_every=0)
+        if os.path.exists(os.path.join(ROOT, "recipes", folder, "examples.jsonl")):
+            train = generated_from_examples(os.path.join(ROOT, "recipes", folder))
         else:
             with open(os.path.join(ROOT, "recipes", folder, "train_queries.jsonl")) as f:
                 train = [json.loads(line) for line in f]
@@ -165,8 +169,7 @@ def test_services_second_look_uses_new_task_phrasings_with_training_wishes_and_r
     # wishes that training does have, labelled with the member of the group best on the wished resource
     folder = os.path.join(ROOT, "recipes", "tools", "services")
     tools = load_tools(os.path.join(folder, "tools.json"))
-    with open(os.path.join(folder, "examples.jsonl")) as f:
-        train = [r["query"] for r in generate(tools, [json.loads(line) for line in f], heldout_every=0)[0]]
+    train = [r["query"] for r in generated_from_examples(folder)]
     with open(os.path.join(folder, "more_heldout_queries.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     best = {"as fast as possible": ("p95_latency_ms", min), "with the highest accuracy": ("quality", max),
