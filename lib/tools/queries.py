@@ -6,7 +6,10 @@
 Tools that do the same job share a ``"group"`` in ``tools.json``. For each group of two or more tools the
 generator writes *resource* queries: a task phrasing of the group followed by a wish about one resource ("with a
 response time below 30 ms", "on a phone", "accuracy is what counts", "speed is irrelevant"), labelled with the
-member that meets it (the best on that resource; a number threshold sits between the best and the second best).
+member that meets it (the best on that resource; a number threshold sits between the best and the second best, written
+in the key's unit and, taking turns, in the other unit of its dimension: "0.2 seconds" for a key in ms, "200 MB"
+for one in GB). Half the queries put the wish in the task's sentence ("Read this receipt quickly."), half in a
+sentence of its own ("Read this receipt. I need it quickly.", "... Speed is irrelevant.").
 Resource keys are read by name (latency / time, memory / ram, cost / price, accuracy / quality / score); every
 key also gets "the lowest <key>" / "the highest <key>" wishes (only the better direction of a key read by name).
 
@@ -54,6 +57,8 @@ WISHES = {
                    "with a {n} {unit} latency budget", "in {n} {unit} or less", "under a {n} {unit} deadline",
                    "before {n} {unit} have passed"],
         "negation": ["and speed is irrelevant", "and I do not care how long it takes", "and waiting is fine",
+                     "and there is no deadline", "and time isn't a factor", "and the response time is unimportant",
+                     "and we can wait for the result", "and turnaround time doesn't matter",
                      "with no rush at all", "even if it takes a while", "and latency does not matter"],
     },
     "memory": {
@@ -80,6 +85,7 @@ WISHES = {
                    "for at most {unit}{n} per thousand requests", "below {unit}{n} for every thousand calls",
                    "where a thousand calls may cost {unit}{n} at most", "spending less than {unit}{n} per 1k calls"],
         "negation": ["and money is no object", "and cost is not an issue", "whatever it costs",
+                     "and the budget is generous", "and cost doesn't matter", "and we don't mind paying more",
                      "and the price does not matter", "with an unlimited budget", "and we can pay for the best"],
     },
     "quality": {
@@ -95,6 +101,8 @@ WISHES = {
                    "with a quality bar of {n}{unit}", "that is right {n}{unit} of the time or more",
                    "hitting a {n}{unit} accuracy target"],
         "negation": ["and accuracy is not critical", "and a rough result is fine", "and quality barely matters",
+                     "and close enough is good enough", "and some mistakes are okay", "and it doesn't have to be exact",
+                     "and a draft-quality result will do",
                      "where a good-enough answer will do", "and small errors are acceptable",
                      "and an approximate answer is enough"],
     },
@@ -135,6 +143,24 @@ def unit_of(key: str, dim: str, values: list[float]) -> tuple[str, float] | None
     if dim == "quality" and all(0 <= v <= 100 for v in values):
         return "%", 1.0
     return None
+
+
+# a unit users also write for the same dimension: (unit of the key, other unit, factor, the least value worth it)
+OTHER_UNITS = {"ms": ("seconds", 1e-3, 100.0), "seconds": ("ms", 1e3, 0.0), "GB": ("MB", 1e3, 0.0),
+               "MB": ("GB", 1e-3, 100.0)}
+
+
+def units_of(key: str, dim: str, values: list[float], bound: float) -> list[tuple[str, float]]:
+    """Every way a threshold ``bound`` of this key is written: the key's own unit, and the other unit of its
+    dimension when the number reads well in it ("0.2 seconds" for 200 ms, "200 MB" for 0.2 GB); empty when the
+    unit cannot be told."""
+    unit = unit_of(key, dim, values)
+    if unit is None:
+        return []
+    other = OTHER_UNITS.get(unit[0])
+    if other is None or bound * unit[1] < other[2]:
+        return [unit]
+    return [unit, (other[0], unit[1] * other[1])]
 
 
 def round_between(low: float, high: float) -> float | None:
@@ -202,12 +228,13 @@ def group_wishes(tools: list[Tool], members: list[int], heldout_every: int = 4) 
         for family, phrases in WISHES[dim].items():
             if family == "negation":
                 continue
-            if family == "number":
-                unit = unit_of(key, dim, [v for v, _ in values])
-                bound = round_between(*sorted((best[0], second[0]))) if unit else None
-                if bound is None:
-                    continue
-                add(phrases, family, dim, best[1], n=fmt_number(bound * unit[1]), unit=unit[0])
+            if family == "number":  # the phrasings take turns among the units the number can be written in
+                bound = round_between(*sorted((best[0], second[0])))
+                units = units_of(key, dim, [v for v, _ in values], bound) if bound is not None else []
+                for i, phrase in enumerate(phrases if units else []):
+                    unit, scale = units[i % len(units)]
+                    out.append((Wish(phrase.format(n=fmt_number(bound * scale), unit=unit), best[1], dim, family),
+                                held_out(i, heldout_every)))
             else:
                 add(phrases, family, dim, best[1])
     # Not caring about one resource means wanting what it is traded for: "speed is irrelevant" asks for the most
@@ -247,9 +274,21 @@ def task_phrasings(task: str) -> list[str]:
     return [t.format(task=task, task_lower=lower) for t in TASK_TEMPLATES]
 
 
-def sentence(task: str, wish: str) -> str:
+# the wish as a sentence of its own, after the task ("Read this receipt. I need it on a phone.")
+WISH_SENTENCES = ["I need it {wish}.", "Please do it {wish}.", "It has to be done {wish}.", "Do it {wish}."]
+
+
+def sentence(task: str, wish: str, form: int = 0) -> str:
+    """The query for a task phrasing and a wish: one sentence ("<Task> <wish>.") for even ``form``, the task and
+    then the wish as a sentence of its own for odd ``form`` (a wish "and <clause>" becomes "<Clause>.")."""
+    end = "?" if task.strip().endswith("?") else "."
     task = task.strip().rstrip(".!?")
-    return f"{task[0].upper() + task[1:]} {wish}."
+    task = task[0].upper() + task[1:]
+    if form % 2 == 0:
+        return f"{task} {wish}."
+    if wish.startswith("and "):
+        return f"{task}{end} {wish[4].upper()}{wish[5:]}."
+    return f"{task}{end} " + WISH_SENTENCES[form // 2 % len(WISH_SENTENCES)].format(wish=wish)
 
 
 def generate(tools: list[Tool], examples: list[dict] | None = None, heldout_every: int = 4
@@ -282,10 +321,11 @@ def generate(tools: list[Tool], examples: list[dict] | None = None, heldout_ever
                 rows.extend({"query": p.rstrip(".") + ".", "tool": names[members[0]], "kind": "semantic"}
                             for p in split[held])
             continue
-        for wish, held in group_wishes(tools, members, heldout_every):
-            for task in split[held]:
-                (heldout if held else train).append({"query": sentence(task, wish.text), "tool": names[wish.target],
-                                                     "kind": "resource"})
+        # one sentence and two sentences take turns, over the wishes and over the task phrasings
+        for w, (wish, held) in enumerate(group_wishes(tools, members, heldout_every)):
+            for j, task in enumerate(split[held]):
+                (heldout if held else train).append({"query": sentence(task, wish.text, w + j),
+                                                     "tool": names[wish.target], "kind": "resource"})
     return train, heldout
 
 
