@@ -17,6 +17,7 @@ from lib.recall.logs import (
     read_conversations,
     run_lock,
 )
+from lib.recall.probes import load_probes
 from tests.conftest import ROOT, write_jsonl
 
 TINY = "builtin:tiny-llama"
@@ -247,13 +248,18 @@ def test_evaluate_and_the_benchmark_measure_a_recall_model(trained, chats_dir, t
     out, _ = trained
     probes = str(chats_dir / "questions_test.jsonl")
     result = evaluate.main(["--recall_model", str(out), "--probe_file", probes, "--probe_limit", "6",
-                            "--max_new_tokens", "3", "--output_dir", str(tmp_path / "eval")])
+                            "--max_new_tokens", "3", "--seed", "3", "--output_dir", str(tmp_path / "eval")])
     conditions = result["probes"]["conditions"]
     assert set(conditions) == {"recall", "no_memory", "base_no_memory", "gold_text", "base_gold_text"}
     assert conditions["recall"]["memory_tokens"] == 3 and conditions["no_memory"]["memory_tokens"] is None
     assert 0 <= result["probes"]["index_recall@1"] <= result["probes"]["index_recall@3"] <= 1
     seen = result["probes"]["when_retrieved"]
     assert 0 <= seen["rows"] <= 6 and 0 <= seen["recall"] <= 1
+    paired, kinds = result["probes"]["answerable"], [p.get("kind") for p in load_probes(probes, 6, 3)]
+    assert paired["rows"] == conditions["gold_text"]["rows"] == sum(k != "unknown" for k in kinds)
+    unknown = kinds.count("unknown")  # recall over all questions = recall on the answerable ones + the unknown ones
+    assert conditions["recall"]["accuracy"] * 6 == pytest.approx(
+        paired["recall"] * paired["rows"] + conditions["recall"].get("accuracy_unknown", 0) * unknown)
     saved = json.load(open(tmp_path / "eval" / "results.json"))
     assert saved["probes"]["probes"] == 6 and "recall model" in open(tmp_path / "eval" / "results.md").read()
     with pytest.raises(UserError, match="--probe_file belongs to --recall_model"):

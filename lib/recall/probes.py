@@ -102,6 +102,14 @@ def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, 
         "base_gold_text": (sum(answer_correct(answers["base_gold_text"][position[i]], str(probes[i]["answer"]))
                                for i in found if i in position) / max(1, sum(i in position for i in found))
                            if with_text else None)}
+    # The upper bound is only asked the questions that have a gold memory: recall on those same questions beside it.
+    if with_text:
+        results["answerable"] = {
+            "rows": len(with_text),
+            "recall": sum(answer_correct(answers["recall"][i], str(probes[i]["answer"])) for i in with_text)
+            / len(with_text),
+            "gold_text": results["conditions"]["gold_text"]["accuracy"],
+            "base_gold_text": results["conditions"]["base_gold_text"]["accuracy"]}
     results["examples"] = [{"user_id": users[i], "question": questions[i], "answer": probes[i]["answer"],
                             "recall": answers["recall"][i], "memories": [assistant.index.entries[r]["text"]
                                                                          for _, r in hits[i]]}
@@ -127,6 +135,10 @@ def probes_markdown(results: dict, source: str) -> str:
                      + f"{memory} | {c['prompt_tokens']:.1f} |")
     lines += ["", " ".join(f"index recall@{k[len('index_recall@'):]}: {v:.3f}" for k, v in results.items()
                            if k.startswith("index_recall@")), ""]
+    paired = results.get("answerable")
+    if paired:
+        lines += [f"On the {paired['rows']} questions with a gold memory: recall {paired['recall']:.3f}, gold text in "
+                  f"the prompt {paired['gold_text']:.3f} (base model {paired['base_gold_text']:.3f}).", ""]
     seen = results.get("when_retrieved")
     if seen and seen["rows"]:
         gold = "" if seen["base_gold_text"] is None else f" (base model, gold text: {seen['base_gold_text']:.3f})"
