@@ -151,8 +151,9 @@ def main(argv=None) -> dict:
         print("\n" + probes_markdown(out["qa"], "questions_test.jsonl (test users)"))
         c = out["qa"]["conditions"]
         upper = max(c.get("gold_text", {}).get("accuracy", 0), c.get("base_gold_text", {}).get("accuracy", 0))
-        # Same questions on both sides: the bound is never asked the unknown ones (they have no gold memory).
-        paired = out["qa"].get("answerable", {"recall": c["recall"]["accuracy"]})
+        # Same questions on both sides: the bound is never asked the unknown ones (they have no gold memory); a bound
+        # exists only when some question has one, and then so does the paired recall.
+        paired = out["qa"].get("answerable")
         out["recall_vs_upper_bound"] = paired["recall"] / upper if upper else None
         rec = out["reconstruction_trained"]
         print(f"index recall@1 {out['index_recall@1']:.3f}, @5 {out['index_recall@5']:.3f} "

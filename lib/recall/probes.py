@@ -67,8 +67,9 @@ def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, 
     rows_of = {name: (with_text if "gold_text" in name else list(range(len(probes)))) for name in conditions}
     kinds = sorted({str(p.get("kind")) for p in probes if p.get("kind") is not None})
     results: dict = {"probes": len(probes), "top_k": assistant.top_k, "conditions": {}}
+    correct: dict[str, list[bool]] = {}
     for name, rows in rows_of.items():
-        right = [answer_correct(a, str(probes[i]["answer"])) for i, a in zip(rows, answers[name])]
+        right = correct[name] = [answer_correct(a, str(probes[i]["answer"])) for i, a in zip(rows, answers[name])]
         entry = {"accuracy": sum(right) / max(1, len(right)), "rows": len(rows),
                  "prompt_tokens": sum(map(len, conditions[name][0])) / max(1, len(rows)),
                  "memory_tokens": (sum(len(hits[i]) for i in rows) / max(1, len(rows)) if name == "recall" else
@@ -98,18 +99,14 @@ def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, 
     position = {i: n for n, i in enumerate(with_text)}
     results["when_retrieved"] = {
         "rows": len(found),
-        "recall": sum(answer_correct(answers["recall"][i], str(probes[i]["answer"])) for i in found) / max(1, len(found)),
-        "base_gold_text": (sum(answer_correct(answers["base_gold_text"][position[i]], str(probes[i]["answer"]))
-                               for i in found if i in position) / max(1, sum(i in position for i in found))
+        "recall": sum(correct["recall"][i] for i in found) / max(1, len(found)),
+        "base_gold_text": (sum(correct["base_gold_text"][position[i]] for i in found if i in position)
+                           / max(1, sum(i in position for i in found))
                            if with_text else None)}
     # The upper bound is only asked the questions that have a gold memory: recall on those same questions beside it.
     if with_text:
-        results["answerable"] = {
-            "rows": len(with_text),
-            "recall": sum(answer_correct(answers["recall"][i], str(probes[i]["answer"])) for i in with_text)
-            / len(with_text),
-            "gold_text": results["conditions"]["gold_text"]["accuracy"],
-            "base_gold_text": results["conditions"]["base_gold_text"]["accuracy"]}
+        results["answerable"] = {"rows": len(with_text),
+                                 "recall": sum(correct["recall"][i] for i in with_text) / len(with_text)}
     results["examples"] = [{"user_id": users[i], "question": questions[i], "answer": probes[i]["answer"],
                             "recall": answers["recall"][i], "memories": [assistant.index.entries[r]["text"]
                                                                          for _, r in hits[i]]}
@@ -137,8 +134,9 @@ def probes_markdown(results: dict, source: str) -> str:
                            if k.startswith("index_recall@")), ""]
     paired = results.get("answerable")
     if paired:
+        c = results["conditions"]
         lines += [f"On the {paired['rows']} questions with a gold memory: recall {paired['recall']:.3f}, gold text in "
-                  f"the prompt {paired['gold_text']:.3f} (base model {paired['base_gold_text']:.3f}).", ""]
+                  f"the prompt {c['gold_text']['accuracy']:.3f} (base model {c['base_gold_text']['accuracy']:.3f}).", ""]
     seen = results.get("when_retrieved")
     if seen and seen["rows"]:
         gold = "" if seen["base_gold_text"] is None else f" (base model, gold text: {seen['base_gold_text']:.3f})"
