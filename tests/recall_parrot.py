@@ -8,11 +8,12 @@ from lib.recall import extraction
 
 def parrot(model, tokenizer, prompts, **kwargs):
     said = [tokenizer.decode(p).split("user\n")[-1].split("<|im_end|>")[0] for p in prompts]
-    return [f"The user said: {s}" if " my " in f" {s.lower()} " else "NONE" for s in said]
+    texts = [f"The user said: {s}" if " my " in f" {s.lower()} " else "NONE" for s in said]
+    return texts, [0.0] * len(texts)  # as sure as can be
 
 
 if __name__ == "__main__":
-    extraction.generate_texts = parrot
+    extraction.generate_scored = parrot
     from lib.core.errors import run_main
     from train_memory import main
 

@@ -33,6 +33,11 @@ TINY = "builtin:tiny-llama"
     ("The user is a human.", "How are you?", None),                  # invented
     ("I think the user is nice", "you are nice", None),              # not an entry
     ("The user has a cat allergy.", "my allergy to cats is acting up", "The user has a cat allergy."),
+    # misspelt copies of the message's words take its spelling; a name must be spelt alike, a shared stem is not enough
+    ("The user's dog is called Trelor.", "sorry, my dog Tralor was barking", "The user's dog is called Tralor."),
+    ("The user's favourite band is The Daburs.", "My favourite band The Dabuss is touring soon",
+     "The user's favourite band is The Dabuss."),
+    ("The user's dog is called Rex.", "my dog Tralor was barking", None),                 # not close: invented
 ])
 def test_an_entry_is_kept_only_when_it_is_a_fact_grounded_in_its_message(generated, message, expected):
     assert extraction.parse_entry(generated, message) == expected
@@ -54,6 +59,36 @@ def test_extraction_prompts_read_once_their_shared_examples_and_generate_the_sam
     assert cached == plain and any(cached)
     # The examples were read once; each batch then read only its own tokens.
     assert read[0] == len(prefix) and max(read[1:]) < len(prefix) and read.count(len(prefix)) == 1
+
+
+def test_the_extractors_confidence_is_its_mean_log_probability_of_what_it_wrote(tiny_llama):
+    model, tokenizer = tiny_llama
+    messages = ["my dog Rex is loud", "the weather is nice today, right?", "I live in Brovik, a small town"]
+    prompts = [extraction.extraction_prompt(tokenizer, m) for m in messages]
+    texts, confidence = extraction.generate_scored(model, tokenizer, prompts, max_new_tokens=6, batch_size=2,
+                                                   prefix=extraction.shared_prefix(tokenizer))
+    assert texts == extraction.generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    for prompt, text, sure in zip(prompts, texts, confidence):
+        written = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(written) == text
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + written])).logits[0, len(prompt) - 1:-1]
+        reference = logits.float().log_softmax(-1).gather(-1, torch.tensor(written)[:, None]).mean().item()
+        assert sure == pytest.approx(reference, abs=1e-4) and sure < 0
+
+
+def test_entries_the_extractor_is_unsure_of_are_dropped(monkeypatch):
+    conversation = {"user_id": "u1", "conversation_id": "c0", "timestamp": "2025-01-01", "messages": [
+        {"role": "user", "content": "my dog Rex is loud"}, {"role": "assistant", "content": "ha"},
+        {"role": "user", "content": "I live in Brovik"}]}
+    monkeypatch.setattr(extraction, "extraction_prompt", lambda tokenizer, message: [1])
+    monkeypatch.setattr(extraction, "shared_prefix", lambda tokenizer: [])
+    monkeypatch.setattr(extraction, "generate_scored", lambda *a, **k: (
+        ["The user's dog is called Rex.", "The user lives in Brovik."], [-0.2, -0.9]))
+    sure, read = extraction.extract_entries(None, None, [conversation], min_logprob=-0.5)
+    assert read == 2 and [e["text"] for e in sure] == ["The user's dog is called Rex."]
+    every, _ = extraction.extract_entries(None, None, [conversation])
+    assert [e["text"] for e in every] == ["The user's dog is called Rex.", "The user lives in Brovik."]
 
 
 def test_without_the_grounding_check_invented_entries_pass():
@@ -100,7 +135,8 @@ def test_training_questions_read_their_gold_memory_and_recite_it_before_answerin
                  {"user_id": "u2", "question": "Where do I live?", "answer": "Brovik"},       # another user's fact
                  {"user_id": "u1", "question": "What car do I drive?", "answer": "unknown"}]
     hits = [[(0.9, 1), (0.8, 2)], [(0.9, 1), (0.5, 0)], [(0.9, 2), (0.5, 0)], [(0.9, 3)], [(0.7, 2), (0.6, 0)]]
-    slots, recited = qa_slots(questions, hits, entries)
+    kept, slots, recited = qa_slots(questions, hits, entries, top_k=2)
+    assert kept == questions
     # Retrieval missed the entry the answer comes from (the gold one, else one of the user's that holds the answer):
     # it takes the last slot. Nothing of the user holds it: nothing to recite.
     assert slots == [[1, 0], [1, 0], [2, 1], [3], [2, 0]]
@@ -109,6 +145,26 @@ def test_training_questions_read_their_gold_memory_and_recite_it_before_answerin
     target = recited_answer(recited[0], "Rex")
     assert target == "The user's dog is called Rex.\nAnswer: Rex" and final_answer(target) == "Rex"
     assert final_answer(recited_answer(None, "unknown")) == "unknown" and final_answer(" Rex ") == "Rex"
+
+
+def test_an_answerable_question_also_trains_unknown_on_slots_without_its_memory():
+    from lib.recall.training import qa_slots
+
+    entries = [entry("u1", "The user's dog is called Rex.", "t"), entry("u1", "The user lives in Brovik.", "t"),
+               entry("u1", "The user plays chess.", "t"), entry("u1", "The user walks Rex daily.", "t"),
+               entry("u1", "The user is a nurse.", "t")]
+    questions = [{"user_id": "u1", "question": "What is my dog called?", "answer": "Rex",
+                  "memory": "The user's dog is called Rex."},
+                 {"user_id": "u1", "question": "What car do I drive?", "answer": "unknown"}]
+    hits = [[(0.9, 1), (0.8, 3), (0.7, 0), (0.6, 2), (0.5, 4)], [(0.7, 2), (0.6, 0), (0.5, 1), (0.4, 3)]]
+    kept, slots, recited = qa_slots(questions, hits, entries, top_k=2, unanswerable_ratio=1.0)
+    # The copy reads the two nearest entries that do not hold "Rex" (entry 3 holds it too), and answers unknown;
+    # an unknown question has no copy.
+    assert [q["answer"] for q in kept] == ["Rex", "unknown", "unknown"]
+    assert slots == [[1, 0], [1, 2], [2, 0]] and recited == ["The user's dog is called Rex.", None, None]
+    assert qa_slots(questions, hits, entries, top_k=2)[0] == questions          # ratio 0: no copies
+    half = qa_slots(questions * 50, hits * 50, entries, top_k=2, unanswerable_ratio=0.5, seed=3)[0]
+    assert 15 < len(half) - 100 < 35                                             # about half of the 50 answerable
 
 
 # ---- logs: state and lock ---------------------------------------------------------------------------------
@@ -280,7 +336,7 @@ def parrot_extractor(monkeypatch):
     """The tiny random model writes no entry; this extractor turns every message with "my" into one."""
     from tests.recall_parrot import parrot
 
-    monkeypatch.setattr(extraction, "generate_texts", parrot)
+    monkeypatch.setattr(extraction, "generate_scored", parrot)
 
 
 def test_rerun_extracts_only_new_conversations_and_a_crash_keeps_the_previous_run(tmp_path, chats_dir, monkeypatch,

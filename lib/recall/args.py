@@ -43,6 +43,9 @@ class RecallModelArguments:
     extraction_max_new_tokens: int = field(default=24, metadata={"help": "Longest entry the extractor writes."})
     check_grounding: bool = field(default=True, metadata={
         "help": "Drop an extracted entry whose content words are not in its message (a small extractor invents)."})
+    extraction_min_logprob: float = field(default=-0.5, metadata={
+        "help": "Drop an extracted entry whose tokens the extractor gave a mean log-probability below this (it is "
+                "less sure of what it invents); --extraction_min_logprob=-inf keeps all."})
     vector_layer: int = field(default=-1, metadata={
         "help": "Decoder layer whose last-token hidden state is the memory vector (-1: the last, normed)."})
     vector_template: str = field(default=VECTOR_TEMPLATE, metadata={
@@ -56,6 +59,10 @@ class RecallModelArguments:
     k_folds: int = field(default=0, metadata={
         "help": "K-fold cross-validation over memory entries before the final run (0: none): each fold's held-out "
                 "reconstruction and their mean and std go into summary.json."})
+    unanswerable_ratio: float = field(default=0.5, metadata={
+        "help": "For this share of the training questions whose memory exists, also train a row whose slots are the "
+                "user's nearest memories without it, answered \"I have no memory of that\" (0: none): the model "
+                "learns to tell whether a slot answers the question instead of answering from any slot."})
     rehearsal_ratio: float = field(default=4.0, metadata={
         "help": "A rerun that continues the model also rehearses this many earlier entries per new one (at most all "
                 "of them). With 1, a rerun on 10%% new conversations dropped reconstruction of earlier entries from "
@@ -75,6 +82,8 @@ class RecallModelArguments:
             raise UserError(f"--k_folds must be 0 (none) or at least 2, got {self.k_folds}.")
         if not 0 < self.rerun_learning_rate_scale <= 1:
             raise UserError(f"--rerun_learning_rate_scale must be in (0, 1], got {self.rerun_learning_rate_scale}.")
+        if not 0 <= self.unanswerable_ratio <= 1:
+            raise UserError(f"--unanswerable_ratio must be in [0, 1], got {self.unanswerable_ratio}.")
         if self.rehearsal_ratio < 0:
             raise UserError(f"--rehearsal_ratio must be at least 0, got {self.rehearsal_ratio}.")
         if "{text}" not in self.vector_template:

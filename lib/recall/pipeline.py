@@ -117,6 +117,7 @@ def run(argv=None) -> dict:
             new, counts["messages_read"] = extract_entries(
                 extractor.eval(), extractor_tokenizer, share, batch_size=recall_args.extraction_batch_size,
                 max_new_tokens=recall_args.extraction_max_new_tokens, check_grounding=recall_args.check_grounding,
+                min_logprob=recall_args.extraction_min_logprob,
                 progress=lambda done, total: say(f"extraction: {done}/{total} messages") if done % 256 < 16 or
                 done == total else None)
             if world > 1:
@@ -160,8 +161,10 @@ def run(argv=None) -> dict:
 
             questions = [q for q in load_qa_rows(data_args.qa_file, data_args.max_qa_rows, args.seed)
                          if str(q["user_id"]) in index.user_rows]
-            hits = _retrieve(base, tokenizer, index, questions, recall_args)
-            slots, recited = qa_slots(questions, hits, entries)
+            # Some more than top_k: a question's unanswerable copy reads the nearest entries without its answer.
+            hits = _retrieve(base, tokenizer, index, questions, recall_args, k=2 * recall_args.top_k + 2)
+            questions, slots, recited = qa_slots(questions, hits, entries, top_k=recall_args.top_k,
+                                                 unanswerable_ratio=recall_args.unanswerable_ratio, seed=args.seed)
         if data_args.sft_file:
             from lib.core.data import check_messages, load_rows
 
@@ -292,11 +295,11 @@ def _has_model(folder: str) -> bool:
     return os.path.exists(os.path.join(folder, "adapter_config.json"))
 
 
-def _retrieve(base, tokenizer, index, questions, recall_args):
+def _retrieve(base, tokenizer, index, questions, recall_args, k: int):
     from lib.recall.data import as_user_question
     from lib.recall.vectors import extract_last_token_embedding
 
     vectors = extract_last_token_embedding(base, tokenizer, [as_user_question(q["question"]) for q in questions],
                                            layer=recall_args.vector_layer, template=recall_args.vector_template)
-    return [index.search_rows(v[None].numpy(), str(q["user_id"]), recall_args.top_k)[0]
+    return [index.search_rows(v[None].numpy(), str(q["user_id"]), k)[0]
             for v, q in zip(vectors, questions)]

@@ -19,34 +19,51 @@ def load_qa_rows(path: str, limit: int | None = None, seed: int = 0) -> list[dic
     return load_probes(path, limit, seed)
 
 
-def qa_slots(questions: list[dict], hits: list[list[tuple[float, int]]], entries: list[dict]
-             ) -> tuple[list[list[int]], list[str | None]]:
-    """The entry rows each training question reads, and the entry text its answer recites.
+def qa_slots(questions: list[dict], hits: list[list[tuple[float, int]]], entries: list[dict], *, top_k: int,
+             unanswerable_ratio: float = 0.0, seed: int = 0
+             ) -> tuple[list[dict], list[list[int]], list[str | None]]:
+    """The training questions, the entry rows each reads, and the entry text its answer recites.
 
     The rows are the retrieved ones, with the entry the answer comes from put in place of the last one when
     retrieval missed it, so the model learns to read the right memory rather than to guess or to refuse. That entry
     is the gold one (``memory`` equal to an entry text of the same user), else an entry of the user whose text holds
     the answer (extracted entries are worded otherwise than the gold text), a retrieved one first. It is the recited
     entry; None (nothing to recite: the answer is "I have no memory of that", then "unknown") when no entry of the
-    user holds the answer."""
+    user holds the answer.
+
+    ``hits`` hold more than ``top_k`` rows per question. For ``unanswerable_ratio`` of the questions with a source
+    entry (seeded), a copy of the question is added whose slots are the ``top_k`` nearest entries that do not hold
+    the answer, answered "unknown": with only the contrast between these two rows can the model learn that a slot
+    must answer the question before it answers from it."""
+    rng = random.Random(seed)
     by_text = {(e["user_id"], normalise(e["text"])): i for i, e in enumerate(entries)}
     by_user: dict[str, list[int]] = {}
     for i, e in enumerate(entries):
         by_user.setdefault(str(e["user_id"]), []).append(i)
-    slots, recited = [], []
-    for question, rows in zip(questions, hits, strict=True):
-        rows = [r for _, r in rows]
+    kept, slots, recited = [], [], []
+    for question, found in zip(questions, hits, strict=True):
+        nearest = [r for _, r in found]
+        rows = nearest[:top_k]
         user = str(question["user_id"])
         answer = normalise(str(question["answer"]))
+
+        def holds(r: int) -> bool:
+            return bool(answer) and f" {answer} " in f" {normalise(entries[r]['text'])} "
         source = by_text.get((user, normalise(question.get("memory") or "")))
-        if source is None and answer:
-            source = next((r for r in rows + by_user.get(user, [])
-                           if f" {answer} " in f" {normalise(entries[r]['text'])} "), None)
+        if source is None:
+            source = next((r for r in nearest + by_user.get(user, []) if holds(r)), None)
         if source is not None and source not in rows and rows:
             rows[-1] = source
+        kept.append(question)
         slots.append(rows)
         recited.append(entries[source]["text"] if source is not None else None)
-    return slots, recited
+        if source is not None and rng.random() < unanswerable_ratio:
+            others = [r for r in nearest if r != source and not holds(r)][:top_k]
+            if others:
+                kept.append({**question, "answer": UNKNOWN})
+                slots.append(others)
+                recited.append(None)
+    return kept, slots, recited
 
 
 def build_rows(tokenizer, entries: list[dict], entry_rows: list[int], questions: list[dict],
