@@ -158,7 +158,8 @@ def generate_scored(model, tokenizer, prompts: list[list[int]], *, max_new_token
                                    pad_token_id=tokenizer.pad_token_id, stop_strings=["\n"], tokenizer=tokenizer,
                                    output_scores=True, return_dict_in_generate=True, **kwargs)
         new = generated.sequences[:, ids.shape[1]:]
-        logprobs = torch.stack(generated.scores, 1).float().log_softmax(-1).gather(-1, new[..., None])[..., 0]
+        logprobs = torch.stack([step.float().log_softmax(-1).gather(-1, new[:, t:t + 1])[:, 0]
+                                for t, step in enumerate(generated.scores)], 1)  # step by step: no vocab-wide copy
         for row, i in enumerate(chunk):
             # A row that stopped early is filled with padding after its stop.
             padding = (new[row] == tokenizer.pad_token_id).nonzero()
