@@ -51,7 +51,7 @@ def qa_slots(questions: list[dict], hits: list[list[tuple[float, int]]], entries
             return bool(answer) and f" {answer} " in f" {normalise(entries[r]['text'])} "
         source = by_text.get((user, normalise(question.get("memory") or "")))
         if source is None:
-            source = next((r for r in nearest + by_user.get(user, []) if holds(r)), None)
+            source = next((r for r in rows + by_user.get(user, []) if holds(r)), None)
         if source is not None and source not in rows and rows:
             rows[-1] = source
         kept.append(question)
