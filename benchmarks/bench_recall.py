@@ -10,8 +10,9 @@ come from memory).
 - index recall@1 / @5: a retrieved entry of the asking user holds the answer;
 - reconstruction from ``<recall>`` + vector on trained entries: exact match and token accuracy, and the controls
   (zero, another entry's, random vector) that must collapse; held-out folds from the run's summary.json;
-- QA accuracy with recall vs no memory vs the gold memory text in the prompt (the upper bound), with the context
-  tokens each uses, split into facts, updated facts (latest value) and unknown questions;
+- QA accuracy with recall vs no memory vs the same retrieved memories' text in the prompt (what one token per
+  memory costs) vs the gold memory text in the prompt (the upper bound), with the context tokens each uses, split
+  into facts, updated facts (latest value) and unknown questions;
 - index search time at each --sizes for the approximate index (IVF, what the memory index builds above its exact
   limit) vs exact brute force, with recall@10, on clustered vectors of the model's width.
 Prints each side by side with its ratio; --json ends with one JSON line.
@@ -155,6 +156,9 @@ def main(argv=None) -> dict:
         # exists only when some question has one, and then so does the paired recall.
         paired = out["qa"].get("answerable")
         out["recall_vs_upper_bound"] = paired["recall"] / upper if upper else None
+        # What one token per memory costs apart from extraction and retrieval: the same retrieved memories as text.
+        same = max(paired["retrieved_text"], paired["base_retrieved_text"]) if paired else 0
+        out["recall_vs_retrieved_text"] = paired["recall"] / same if same else None
         rec = out["reconstruction_trained"]
         print(f"index recall@1 {out['index_recall@1']:.3f}, @5 {out['index_recall@5']:.3f} "
               f"({len(known)} answerable questions)")
@@ -175,6 +179,10 @@ def main(argv=None) -> dict:
                   f"{upper:.3f} = "
                   f"{out['recall_vs_upper_bound']:.2f} (memory tokens {c['recall']['memory_tokens']:.1f} vs "
                   f"{c['gold_text']['memory_tokens']:.1f})")
+        if out["recall_vs_retrieved_text"] is not None:
+            print(f"QA with recall / the same retrieved memories' text in the prompt (the better of base and recall "
+                  f"model), same questions: {paired['recall']:.3f} / {same:.3f} = {out['recall_vs_retrieved_text']:.2f} "
+                  f"(memory tokens {c['recall']['memory_tokens']:.1f} vs {c['retrieved_text']['memory_tokens']:.1f})")
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     out["index_speed"] = []
     for n in sizes:

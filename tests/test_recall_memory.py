@@ -306,8 +306,11 @@ def test_evaluate_and_the_benchmark_measure_a_recall_model(trained, chats_dir, t
     result = evaluate.main(["--recall_model", str(out), "--probe_file", probes, "--probe_limit", "6",
                             "--max_new_tokens", "3", "--seed", "3", "--output_dir", str(tmp_path / "eval")])
     conditions = result["probes"]["conditions"]
-    assert set(conditions) == {"recall", "no_memory", "base_no_memory", "gold_text", "base_gold_text"}
+    assert set(conditions) == {"recall", "no_memory", "base_no_memory", "retrieved_text", "base_retrieved_text",
+                               "gold_text", "base_gold_text"}
     assert conditions["recall"]["memory_tokens"] == 3 and conditions["no_memory"]["memory_tokens"] is None
+    # The same three retrieved memories as text: several tokens each, asked of every question.
+    assert conditions["retrieved_text"]["rows"] == 6 and conditions["retrieved_text"]["memory_tokens"] > 3 * 3
     assert 0 <= result["probes"]["index_recall@1"] <= result["probes"]["index_recall@3"] <= 1
     seen = result["probes"]["when_retrieved"]
     assert 0 <= seen["rows"] <= 6 and 0 <= seen["recall"] <= 1

@@ -1,6 +1,8 @@
 """Questions about users' memories, answered four ways: with recall (one ``<recall>`` slot per retrieved memory),
-without memory (the recall model, and the base model), and with the gold memory text in the prompt (the upper
-bound; the base model, and the recall model). Plus index recall@k and the context tokens each way uses.
+without memory (the recall model, and the base model), with the retrieved memories' text in the prompt (the same
+memories as recall, as text: what one token per memory costs), and with the gold memory text in the prompt (the
+upper bound). The last three by the base model and by the recall model. Plus index recall@k and the context tokens
+each way uses.
 
 Probe rows: ``{"user_id", "question", "answer"}``, optional ``"memory"`` (the gold memory text) and ``"kind"``
 (results are also split by it). An answer is right when the gold answer appears in it (normalised); "unknown" also
@@ -52,6 +54,10 @@ def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, 
     empty = [torch.zeros(0, model.recall_config.vector_dim)] * len(probes)
     conditions["no_memory"] = (ask_prompts(tokenizer, questions, None, slot), empty, contextlib.nullcontext)
     conditions["base_no_memory"] = (conditions["no_memory"][0], empty, model.model.disable_adapter)
+    retrieved_texts = [[assistant.index.entries[row]["text"] for _, row in h] for h in hits]
+    prompts = ask_prompts(tokenizer, questions, retrieved_texts, slot)
+    conditions["retrieved_text"] = (prompts, empty, contextlib.nullcontext)
+    conditions["base_retrieved_text"] = (prompts, empty, model.model.disable_adapter)
     with_text = [i for i, p in enumerate(probes) if p.get("memory")]
     if with_text:
         texts = [[probes[i]["memory"]] for i in with_text]
@@ -83,6 +89,9 @@ def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, 
         paste = [len(tokenizer(probes[i]["memory"], add_special_tokens=False)["input_ids"]) for i in with_text]
         for name in ("gold_text", "base_gold_text"):
             results["conditions"][name]["memory_tokens"] = sum(paste) / len(paste)
+    paste = [sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) for texts in retrieved_texts]
+    for name in ("retrieved_text", "base_retrieved_text"):
+        results["conditions"][name]["memory_tokens"] = sum(paste) / max(1, len(paste))
     # Index recall@k: a retrieved entry holds the gold memory text, or (entries written by an extractor) the answer.
     known = [i for i, p in enumerate(probes) if normalise(str(p["answer"])) != "unknown"]
 
@@ -100,13 +109,17 @@ def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, 
     results["when_retrieved"] = {
         "rows": len(found),
         "recall": sum(correct["recall"][i] for i in found) / max(1, len(found)),
+        "retrieved_text": sum(correct["retrieved_text"][i] for i in found) / max(1, len(found)),
+        "base_retrieved_text": sum(correct["base_retrieved_text"][i] for i in found) / max(1, len(found)),
         "base_gold_text": (sum(correct["base_gold_text"][position[i]] for i in found if i in position)
                            / max(1, sum(i in position for i in found))
                            if with_text else None)}
-    # The upper bound is only asked the questions that have a gold memory: recall on those same questions beside it.
+    # The upper bound is only asked the questions that have a gold memory: recall on those same questions beside it,
+    # and the retrieved memories' text on them (the same memories as recall, in the prompt).
     if with_text:
-        results["answerable"] = {"rows": len(with_text),
-                                 "recall": sum(correct["recall"][i] for i in with_text) / len(with_text)}
+        results["answerable"] = {name: sum(correct[name][i] for i in with_text) / len(with_text)
+                                 for name in ("recall", "retrieved_text", "base_retrieved_text")}
+        results["answerable"]["rows"] = len(with_text)
     results["examples"] = [{"user_id": users[i], "question": questions[i], "answer": probes[i]["answer"],
                             "recall": answers["recall"][i], "memories": [assistant.index.entries[r]["text"]
                                                                          for _, r in hits[i]]}
@@ -117,6 +130,8 @@ def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, 
 def probes_markdown(results: dict, source: str) -> str:
     names = {"recall": "recall model, one <recall> slot per retrieved memory",
              "no_memory": "recall model, no memory", "base_no_memory": "base model, no memory",
+             "retrieved_text": "recall model, the retrieved memories' text in the prompt",
+             "base_retrieved_text": "base model, the retrieved memories' text in the prompt",
              "gold_text": "recall model, gold memory text in the prompt",
              "base_gold_text": "base model, gold memory text in the prompt"}
     kinds = sorted({k[len("accuracy_"):] for c in results["conditions"].values() for k in c if
@@ -135,10 +150,14 @@ def probes_markdown(results: dict, source: str) -> str:
     paired = results.get("answerable")
     if paired:
         c = results["conditions"]
-        lines += [f"On the {paired['rows']} questions with a gold memory: recall {paired['recall']:.3f}, gold text in "
-                  f"the prompt {c['gold_text']['accuracy']:.3f} (base model {c['base_gold_text']['accuracy']:.3f}).", ""]
+        lines += [f"On the {paired['rows']} questions with a gold memory: recall {paired['recall']:.3f}, the retrieved "
+                  f"memories' text in the prompt {paired['retrieved_text']:.3f} (base model "
+                  f"{paired['base_retrieved_text']:.3f}), gold text in the prompt {c['gold_text']['accuracy']:.3f} "
+                  f"(base model {c['base_gold_text']['accuracy']:.3f}).", ""]
     seen = results.get("when_retrieved")
     if seen and seen["rows"]:
         gold = "" if seen["base_gold_text"] is None else f" (base model, gold text: {seen['base_gold_text']:.3f})"
-        lines += [f"On the {seen['rows']} questions whose memory was retrieved: recall {seen['recall']:.3f}{gold}.", ""]
+        lines += [f"On the {seen['rows']} questions whose memory was retrieved: recall {seen['recall']:.3f}, the "
+                  f"retrieved memories' text {seen['retrieved_text']:.3f} (base model {seen['base_retrieved_text']:.3f})"
+                  f"{gold}.", ""]
     return "\n".join(lines)
