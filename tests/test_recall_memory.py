@@ -91,6 +91,34 @@ def test_entries_the_extractor_is_unsure_of_are_dropped(monkeypatch):
     assert [e["text"] for e in every] == ["The user's dog is called Rex.", "The user lives in Brovik."]
 
 
+def test_an_entry_that_leaves_out_the_messages_name_is_asked_again_with_the_answer_begun(monkeypatch, tiny_llama):
+    _, tokenizer = tiny_llama
+    said = ["My partner Lastos and I are going to the movies", "I'm planning a surprise for my partner Mata",
+            "My sister Bripom is visiting", "my dog Rex is loud", "I took my Hafas to the car wash"]
+    conversation = {"user_id": "u1", "conversation_id": "c0", "timestamp": "2025-01-01",
+                    "messages": [{"role": "user", "content": m} for m in said]}
+    first = ["The user is going to the movies.", "The user is planning a surprise.", "The user's sister is visiting.",
+             "The user's dog is called Rex.", "The user takes their Hafas to the car wash."]
+    again = {said[0]: " partner is called Lastos.", said[1]: " partner is Mata.",  # the second below the floor
+             said[2]: " sister is visiting."}                                      # still no name: the first stays
+    lead = tokenizer(extraction.NAME_LEAD, add_special_tokens=False)["input_ids"]
+    asked = []
+
+    def extractor(model, tokenizer, prompts, **kwargs):
+        messages = [tokenizer.decode(p).split("user\n")[-1].split("<|im_end|>")[0] for p in prompts]
+        asked.append(messages)
+        if all(p[-len(lead):] == lead for p in prompts):
+            return [again[m] for m in messages], [-0.2 if m != said[1] else -0.9 for m in messages]
+        return [first[said.index(m)] for m in messages], [-0.1] * len(messages)
+
+    monkeypatch.setattr(extraction, "generate_scored", extractor)
+    entries, read = extraction.extract_entries(None, tokenizer, [conversation], min_logprob=-0.5)
+    assert read == 5 and asked[1] == said[:3]  # asked again: only the entries without their message's names
+    assert [e["text"] for e in entries] == [
+        "The user's partner is called Lastos.", "The user is planning a surprise.", "The user's sister is visiting.",
+        "The user's dog is called Rex.", "The user takes their Hafas to the car wash."]  # "took" grounds "takes"
+
+
 def test_without_the_grounding_check_invented_entries_pass():
     assert extraction.parse_entry("The user is a human.", "How are you?", check_grounding=False) == \
         "The user is a human."

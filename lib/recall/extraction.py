@@ -7,7 +7,9 @@ spelling ("Trelor" for "Tralor": a small model copies rare names badly). Three c
 invents out of memory: an entry must start with "The user", every content word of it must appear in the message it
 came from (a shared 4-letter stem is enough: "lives" / "live"), and optionally the extractor's mean log-probability
 of the entry's tokens must reach a floor (it is less sure of what it invents). Entries are
-deduplicated per user; a later entry that differs from an earlier one of the same user only in its last words
+deduplicated per user. An entry that leaves out a name its message gives ("My partner Lastos and I are going to the
+movies" -> "The user is going to the movies.") lost what the message was about: the extractor is asked once more with
+its answer begun as "The user's", and the new entry replaces it when it holds the names. A later entry that differs from an earlier one of the same user only in its last words
 ("The user lives in Brovik." then "The user lives in Talmor.") replaces it, and the replaced one goes to the history.
 """
 
@@ -41,6 +43,29 @@ FRAME_WORDS = set("""the user user's users is are was were be been has have had 
 their they them his her its it that this who which as by from called named name lives live works work likes like
 loves love enjoys enjoy plays play drives drive owns own favourite favorite does do not no""".split())
 _WORD = re.compile(r"[\w']+")
+# Past forms that share no stem with the present an entry writes ("I took my Hafas to the car wash" -> "The user
+# takes their Hafas to the car wash."): a message's past form also grounds its present.
+IRREGULAR_PAST = {"ate": "eat", "became": "become", "began": "begin", "bought": "buy", "brought": "bring",
+                  "built": "build", "caught": "catch", "chose": "choose", "drew": "draw", "drove": "drive",
+                  "felt": "feel", "flew": "fly", "found": "find", "gave": "give", "got": "get", "grew": "grow",
+                  "kept": "keep", "knew": "know", "left": "leave", "lost": "lose", "made": "make", "met": "meet",
+                  "ran": "run", "rode": "ride", "said": "say", "sang": "sing", "saw": "see", "sold": "sell",
+                  "sent": "send", "spent": "spend", "swam": "swim", "taught": "teach", "thought": "think",
+                  "told": "tell", "took": "take", "went": "go", "won": "win", "wore": "wear", "wrote": "write"}
+
+
+# The start of the answer when the extractor is asked again for an entry that left out the message's names.
+NAME_LEAD = "The user's"
+
+
+def names(message: str) -> list[str]:
+    """The capitalised words of ``message`` after its first word ("I" forms aside): the names it gives."""
+    found = _WORD.findall(message)
+    return [w for w in found[1:] if w[0].isupper() and w != "I" and not w.startswith("I'")]
+
+
+def holds_names(entry: str, message: str) -> bool:
+    return all(name.lower() in words(entry) for name in names(message))
 
 
 def _instructions() -> list[dict]:
@@ -71,9 +96,15 @@ def _said_in(word: str, said: set[str], stems: set[str]) -> bool:
             or (len(word) >= 3 and any(w.startswith(word) for w in said)))
 
 
+def message_words(message: str) -> set[str]:
+    """The words of ``message``, with the present of each irregular past form."""
+    said = set(words(message))
+    return said | {IRREGULAR_PAST[w] for w in said if w in IRREGULAR_PAST}
+
+
 def grounded(entry: str, message: str) -> bool:
     """Every content word of ``entry`` appears in ``message``."""
-    said = set(words(message))
+    said = message_words(message)
     stems = {w[:4] for w in said if len(w) >= 4}
     return all(_said_in(word, said, stems) for word in words(entry))
 
@@ -182,9 +213,20 @@ def extract_entries(model, tokenizer, conversations: list[dict], *, batch_size: 
     generated, confidence = generate_scored(
         model, tokenizer, [extraction_prompt(tokenizer, text) for _, text in said], max_new_tokens=max_new_tokens,
         batch_size=batch_size, prefix=shared_prefix(tokenizer), progress=progress)
+    texts = [parse_entry(answer, message, check_grounding=check_grounding)
+             for (_, message), answer in zip(said, generated)]
+    again = [i for i, text in enumerate(texts) if text is not None and not holds_names(text, said[i][1])]
+    if again:
+        lead = tokenizer(NAME_LEAD, add_special_tokens=False)["input_ids"]
+        more, more_sure = generate_scored(
+            model, tokenizer, [extraction_prompt(tokenizer, said[i][1]) + lead for i in again],
+            max_new_tokens=max_new_tokens, batch_size=batch_size, prefix=shared_prefix(tokenizer))
+        for i, answer, sure in zip(again, more, more_sure):
+            text = parse_entry(NAME_LEAD + answer, said[i][1], check_grounding=check_grounding)
+            if text is not None and holds_names(text, said[i][1]) and (min_logprob is None or sure >= min_logprob):
+                texts[i], confidence[i] = text, sure
     entries = []
-    for (conversation, message), answer, sure in zip(said, generated, confidence):
-        text = parse_entry(answer, message, check_grounding=check_grounding)
+    for (conversation, message), text, sure in zip(said, texts, confidence):
         if text is not None and (min_logprob is None or sure >= min_logprob):
             entries.append({"user_id": conversation["user_id"], "text": text,
                             "conversation_id": conversation["conversation_id"],
