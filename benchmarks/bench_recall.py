@@ -181,7 +181,8 @@ def main(argv=None) -> dict:
                   f"{c['gold_text']['memory_tokens']:.1f})")
         if out["recall_vs_retrieved_text"] is not None:
             print(f"QA with recall / the same retrieved memories' text in the prompt (the better of base and recall "
-                  f"model), same questions: {paired['recall']:.3f} / {same:.3f} = {out['recall_vs_retrieved_text']:.2f} "
+                  f"model), same questions: {paired['recall']:.3f} / {same:.3f} = "
+                  f"{out['recall_vs_retrieved_text']:.2f} "
                   f"(memory tokens {c['recall']['memory_tokens']:.1f} vs {c['retrieved_text']['memory_tokens']:.1f})")
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     out["index_speed"] = []

@@ -5,12 +5,13 @@ generic examples; the first line of the answer is parsed into an entry ("The use
 the entry that is not in the message but close to one of its words is a misspelt copy of it and takes the message's
 spelling ("Trelor" for "Tralor": a small model copies rare names badly). Three checks keep what a small extractor
 invents out of memory: an entry must start with "The user", every content word of it must appear in the message it
-came from (a shared 4-letter stem is enough: "lives" / "live"), and optionally the extractor's mean log-probability
-of the entry's tokens must reach a floor (it is less sure of what it invents). Entries are
-deduplicated per user. An entry that leaves out a name its message gives ("My partner Lastos and I are going to the
-movies" -> "The user is going to the movies.") lost what the message was about: the extractor is asked once more with
-its answer begun as "The user's", and the new entry replaces it when it holds the names. A later entry that differs from an earlier one of the same user only in its last words
-("The user lives in Brovik." then "The user lives in Talmor.") replaces it, and the replaced one goes to the history.
+came from (a shared 4-letter stem is enough: "lives" / "live"; a past form grounds its present: "took" / "takes"), and
+optionally the extractor's mean log-probability of the entry's tokens must reach a floor (it is less sure of what it
+invents). An entry that leaves out a name its message gives ("My partner Lastos and I are going to the movies" ->
+"The user is going to the movies.") lost what the message was about: the extractor is asked once more with its
+answer begun as "The user's", and the new entry replaces it when it holds the names. Entries are deduplicated per
+user; a later entry that differs from an earlier one of the same user only in its last words ("The user lives in
+Brovik." then "The user lives in Talmor.") replaces it, and the replaced one goes to the history.
 """
 
 from __future__ import annotations

@@ -158,6 +158,6 @@ def probes_markdown(results: dict, source: str) -> str:
     if seen and seen["rows"]:
         gold = "" if seen["base_gold_text"] is None else f" (base model, gold text: {seen['base_gold_text']:.3f})"
         lines += [f"On the {seen['rows']} questions whose memory was retrieved: recall {seen['recall']:.3f}, the "
-                  f"retrieved memories' text {seen['retrieved_text']:.3f} (base model {seen['base_retrieved_text']:.3f})"
-                  f"{gold}.", ""]
+                  f"retrieved memories' text {seen['retrieved_text']:.3f} (base model "
+                  f"{seen['base_retrieved_text']:.3f}){gold}.", ""]
     return "\n".join(lines)
