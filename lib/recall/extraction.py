@@ -211,24 +211,28 @@ def extract_entries(model, tokenizer, conversations: list[dict], *, batch_size: 
     whose tokens the extractor gave a lower mean log-probability is dropped."""
     said = [(c, m["content"]) for c in conversations for m in c["messages"]
             if m["role"] == "user" and m["content"].strip()]
-    generated, confidence = generate_scored(
-        model, tokenizer, [extraction_prompt(tokenizer, text) for _, text in said], max_new_tokens=max_new_tokens,
-        batch_size=batch_size, prefix=shared_prefix(tokenizer), progress=progress)
+    prompts = [extraction_prompt(tokenizer, text) for _, text in said]
+    prefix = shared_prefix(tokenizer)
+    generated, confidence = generate_scored(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                            batch_size=batch_size, prefix=prefix, progress=progress)
+
+    def sure_enough(sure: float) -> bool:
+        return min_logprob is None or sure >= min_logprob
+
     texts = [parse_entry(answer, message, check_grounding=check_grounding)
              for (_, message), answer in zip(said, generated)]
     again = [i for i, text in enumerate(texts) if text is not None and not holds_names(text, said[i][1])]
     if again:
         lead = tokenizer(NAME_LEAD, add_special_tokens=False)["input_ids"]
-        more, more_sure = generate_scored(
-            model, tokenizer, [extraction_prompt(tokenizer, said[i][1]) + lead for i in again],
-            max_new_tokens=max_new_tokens, batch_size=batch_size, prefix=shared_prefix(tokenizer))
+        more, more_sure = generate_scored(model, tokenizer, [prompts[i] + lead for i in again],
+                                          max_new_tokens=max_new_tokens, batch_size=batch_size, prefix=prefix)
         for i, answer, sure in zip(again, more, more_sure):
             text = parse_entry(NAME_LEAD + answer, said[i][1], check_grounding=check_grounding)
-            if text is not None and holds_names(text, said[i][1]) and (min_logprob is None or sure >= min_logprob):
+            if text is not None and holds_names(text, said[i][1]) and sure_enough(sure):
                 texts[i], confidence[i] = text, sure
     entries = []
     for (conversation, message), text, sure in zip(said, texts, confidence):
-        if text is not None and (min_logprob is None or sure >= min_logprob):
+        if text is not None and sure_enough(sure):
             entries.append({"user_id": conversation["user_id"], "text": text,
                             "conversation_id": conversation["conversation_id"],
                             "timestamp": conversation["timestamp"], "message": message})

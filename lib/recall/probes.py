@@ -108,9 +108,8 @@ def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, 
     position = {i: n for n, i in enumerate(with_text)}
     results["when_retrieved"] = {
         "rows": len(found),
-        "recall": sum(correct["recall"][i] for i in found) / max(1, len(found)),
-        "retrieved_text": sum(correct["retrieved_text"][i] for i in found) / max(1, len(found)),
-        "base_retrieved_text": sum(correct["base_retrieved_text"][i] for i in found) / max(1, len(found)),
+        **{name: sum(correct[name][i] for i in found) / max(1, len(found))
+           for name in ("recall", "retrieved_text", "base_retrieved_text")},
         "base_gold_text": (sum(correct["base_gold_text"][position[i]] for i in found if i in position)
                            / max(1, sum(i in position for i in found))
                            if with_text else None)}
