@@ -1,0 +1,179 @@
+"""Memory entries: what the extractor's answers become (parsing, grounding, respelling, confidence, a second ask for
+left-out names), duplicates and contradictions, and the question rows read from the entries."""
+
+import pytest
+import torch
+
+from lib.recall import extraction
+
+
+# ---- extraction: parsing, grounding, duplicates and contradictions ------------------------------------------
+
+@pytest.mark.parametrize("generated, message, expected", [
+    ("The user lives in Drepe.\nmore", "There's a cafe in Drepe, where I live", "The user lives in Drepe."),
+    ("The user drives a Rulubror", "I drive a Rulubror, it's old", "The user drives a Rulubror."),
+    ("NONE", "how are you?", None),
+    ("The user lives in Milford.", "ikr urs is too", None),          # copied from an example: not in the message
+    ("The user is a human.", "How are you?", None),                  # invented
+    ("I think the user is nice", "you are nice", None),              # not an entry
+    ("The user has a cat allergy.", "my allergy to cats is acting up", "The user has a cat allergy."),
+    # misspelt copies of the message's words take its spelling; a name must be spelt alike, a shared stem is not enough
+    ("The user's dog is called Trelor.", "sorry, my dog Tralor was barking", "The user's dog is called Tralor."),
+    ("The user's favourite band is The Daburs.", "My favourite band The Dabuss is touring soon",
+     "The user's favourite band is The Dabuss."),
+    ("The user's dog is called Rex.", "my dog Tralor was barking", None),                 # not close: invented
+])
+def test_an_entry_is_kept_only_when_it_is_a_fact_grounded_in_its_message(generated, message, expected):
+    assert extraction.parse_entry(generated, message) == expected
+
+
+def test_extraction_prompts_read_once_their_shared_examples_and_generate_the_same(tiny_llama):
+    model, tokenizer = tiny_llama
+    messages = ["my dog Rex is loud", "the weather is nice today, right?", "I live in Brovik, a small town"]
+    prompts = [extraction.extraction_prompt(tokenizer, m) for m in messages]
+    prefix = extraction.shared_prefix(tokenizer)
+    assert all(p[:len(prefix)] == prefix for p in prompts)
+    read = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: read.append(args[0].shape[1]))
+    try:
+        cached = extraction.generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, prefix=prefix)
+    finally:
+        hook.remove()
+    plain = extraction.generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    assert cached == plain and any(cached)
+    # The examples were read once; each batch then read only its own tokens.
+    assert read[0] == len(prefix) and max(read[1:]) < len(prefix) and read.count(len(prefix)) == 1
+
+
+def test_the_extractors_confidence_is_its_mean_log_probability_of_what_it_wrote(tiny_llama):
+    model, tokenizer = tiny_llama
+    messages = ["my dog Rex is loud", "the weather is nice today, right?", "I live in Brovik, a small town"]
+    prompts = [extraction.extraction_prompt(tokenizer, m) for m in messages]
+    texts, confidence = extraction.generate_scored(model, tokenizer, prompts, max_new_tokens=6, batch_size=2,
+                                                   prefix=extraction.shared_prefix(tokenizer))
+    assert texts == extraction.generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    for prompt, text, sure in zip(prompts, texts, confidence):
+        written = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(written) == text
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + written])).logits[0, len(prompt) - 1:-1]
+        reference = logits.float().log_softmax(-1).gather(-1, torch.tensor(written)[:, None]).mean().item()
+        assert sure == pytest.approx(reference, abs=1e-4) and sure < 0
+
+
+def test_entries_the_extractor_is_unsure_of_are_dropped(monkeypatch):
+    conversation = {"user_id": "u1", "conversation_id": "c0", "timestamp": "2025-01-01", "messages": [
+        {"role": "user", "content": "my dog Rex is loud"}, {"role": "assistant", "content": "ha"},
+        {"role": "user", "content": "I live in Brovik"}]}
+    monkeypatch.setattr(extraction, "extraction_prompt", lambda tokenizer, message: [1])
+    monkeypatch.setattr(extraction, "shared_prefix", lambda tokenizer: [])
+    monkeypatch.setattr(extraction, "generate_scored", lambda *a, **k: (
+        ["The user's dog is called Rex.", "The user lives in Brovik."], [-0.2, -0.9]))
+    sure, read = extraction.extract_entries(None, None, [conversation], min_logprob=-0.5)
+    assert read == 2 and [e["text"] for e in sure] == ["The user's dog is called Rex."]
+    every, _ = extraction.extract_entries(None, None, [conversation])
+    assert [e["text"] for e in every] == ["The user's dog is called Rex.", "The user lives in Brovik."]
+
+
+def test_an_entry_that_leaves_out_the_messages_name_is_asked_again_with_the_answer_begun(monkeypatch, tiny_llama):
+    _, tokenizer = tiny_llama
+    said = ["My partner Lastos and I are going to the movies", "I'm planning a surprise for my partner Mata",
+            "My sister Bripom is visiting", "my dog Rex is loud", "I took my Hafas to the car wash"]
+    conversation = {"user_id": "u1", "conversation_id": "c0", "timestamp": "2025-01-01",
+                    "messages": [{"role": "user", "content": m} for m in said]}
+    first = ["The user is going to the movies.", "The user is planning a surprise.", "The user's sister is visiting.",
+             "The user's dog is called Rex.", "The user takes their Hafas to the car wash."]
+    again = {said[0]: " partner is called Lastos.", said[1]: " partner is Mata.",  # the second below the floor
+             said[2]: " sister is visiting."}                                      # still no name: the first stays
+    lead = tokenizer(extraction.NAME_LEAD, add_special_tokens=False)["input_ids"]
+    asked = []
+
+    def extractor(model, tokenizer, prompts, **kwargs):
+        messages = [tokenizer.decode(p).split("user\n")[-1].split("<|im_end|>")[0] for p in prompts]
+        asked.append(messages)
+        if all(p[-len(lead):] == lead for p in prompts):
+            return [again[m] for m in messages], [-0.2 if m != said[1] else -0.9 for m in messages]
+        return [first[said.index(m)] for m in messages], [-0.1] * len(messages)
+
+    monkeypatch.setattr(extraction, "generate_scored", extractor)
+    entries, read = extraction.extract_entries(None, tokenizer, [conversation], min_logprob=-0.5)
+    assert read == 5 and asked[1] == said[:3]  # asked again: only the entries without their message's names
+    assert [e["text"] for e in entries] == [
+        "The user's partner is called Lastos.", "The user is planning a surprise.", "The user's sister is visiting.",
+        "The user's dog is called Rex.", "The user takes their Hafas to the car wash."]  # "took" grounds "takes"
+
+
+def test_without_the_grounding_check_invented_entries_pass():
+    assert extraction.parse_entry("The user is a human.", "How are you?", check_grounding=False) == \
+        "The user is a human."
+
+
+def entry(user, text, ts, cid="c0"):
+    return {"user_id": user, "text": text, "timestamp": ts, "conversation_id": cid}
+
+
+def test_a_later_contradicting_entry_replaces_the_earlier_and_duplicates_are_dropped():
+    old = [entry("u1", "The user lives in Brovik.", "2025-01-01"), entry("u1", "The user's sister is called Ana.",
+                                                                          "2025-01-01"),
+           entry("u2", "The user lives in Brovik.", "2025-01-01")]
+    new = [entry("u1", "The user lives in Talmor.", "2025-03-01", "c1"),
+           entry("u1", "the user's sister is called Ana", "2025-03-01", "c1"),       # duplicate (normalised)
+           entry("u1", "The user's partner is called Bo.", "2025-03-01", "c1"),      # differs early: no conflict
+           entry("u1", "The user is a potter.", "2025-03-01", "c1"), entry("u1", "The user is a nurse.", "2025-04-01",
+                                                                           "c2")]  # only "the user is a": both stay
+    kept, replaced = extraction.merge_entries(old, new)
+    texts = {(e["user_id"], e["text"]) for e in kept}
+    assert ("u1", "The user lives in Talmor.") in texts and ("u1", "The user lives in Brovik.") not in texts
+    assert ("u2", "The user lives in Brovik.") in texts          # another user's memory is never touched
+    assert ("u1", "The user's partner is called Bo.") in texts and len(kept) == 6
+    assert [(r["text"], r["replaced_by"]) for r in replaced] == [("The user lives in Brovik.",
+                                                                 "The user lives in Talmor.")]
+    # Entries of a re-read conversation leave before its new entries come in.
+    kept, _ = extraction.merge_entries(kept, [], dropped_conversations={"c1"})
+    assert {e["text"] for e in kept if e["user_id"] == "u1"} == {"The user's sister is called Ana.",
+                                                                 "The user is a nurse."}
+
+
+def test_training_questions_read_their_gold_memory_and_recite_it_before_answering():
+    from lib.recall.data import final_answer, recited_answer
+    from lib.recall.training import qa_slots
+
+    entries = [entry("u1", "The user's dog is called Rex.", "t"), entry("u1", "The user lives in Brovik.", "t"),
+               entry("u1", "The user plays chess.", "t"), entry("u2", "The user's dog is called Bo.", "t")]
+    questions = [{"user_id": "u1", "question": "What is my dog called?", "answer": "Rex",
+                  "memory": "The user's dog is called Rex."},
+                 {"user_id": "u1", "question": "Where do I live?", "answer": "Brovik"},       # no gold text given
+                 {"user_id": "u1", "question": "Where do I live?", "answer": "Brovik"},       # ... and not retrieved
+                 {"user_id": "u2", "question": "Where do I live?", "answer": "Brovik"},       # another user's fact
+                 {"user_id": "u1", "question": "What car do I drive?", "answer": "unknown"}]
+    hits = [[(0.9, 1), (0.8, 2)], [(0.9, 1), (0.5, 0)], [(0.9, 2), (0.5, 0)], [(0.9, 3)], [(0.7, 2), (0.6, 0)]]
+    kept, slots, recited = qa_slots(questions, hits, entries, top_k=2)
+    assert kept == questions
+    # Retrieval missed the entry the answer comes from (the gold one, else one of the user's that holds the answer):
+    # it takes the last slot. Nothing of the user holds it: nothing to recite.
+    assert slots == [[1, 0], [1, 0], [2, 1], [3], [2, 0]]
+    assert recited == ["The user's dog is called Rex.", "The user lives in Brovik.", "The user lives in Brovik.",
+                       None, None]
+    target = recited_answer(recited[0], "Rex")
+    assert target == "The user's dog is called Rex.\nAnswer: Rex" and final_answer(target) == "Rex"
+    assert final_answer(recited_answer(None, "unknown")) == "unknown" and final_answer(" Rex ") == "Rex"
+
+
+def test_an_answerable_question_also_trains_unknown_on_slots_without_its_memory():
+    from lib.recall.training import qa_slots
+
+    entries = [entry("u1", "The user's dog is called Rex.", "t"), entry("u1", "The user lives in Brovik.", "t"),
+               entry("u1", "The user plays chess.", "t"), entry("u1", "The user walks Rex daily.", "t"),
+               entry("u1", "The user is a nurse.", "t")]
+    questions = [{"user_id": "u1", "question": "What is my dog called?", "answer": "Rex",
+                  "memory": "The user's dog is called Rex."},
+                 {"user_id": "u1", "question": "What car do I drive?", "answer": "unknown"}]
+    hits = [[(0.9, 1), (0.8, 3), (0.7, 0), (0.6, 2), (0.5, 4)], [(0.7, 2), (0.6, 0), (0.5, 1), (0.4, 3)]]
+    kept, slots, recited = qa_slots(questions, hits, entries, top_k=2, unanswerable_ratio=1.0)
+    # The copy reads the two nearest entries that do not hold "Rex" (entry 3 holds it too), and answers unknown;
+    # an unknown question has no copy.
+    assert [q["answer"] for q in kept] == ["Rex", "unknown", "unknown"]
+    assert slots == [[1, 0], [1, 2], [2, 0]] and recited == ["The user's dog is called Rex.", None, None]
+    assert qa_slots(questions, hits, entries, top_k=2)[0] == questions          # ratio 0: no copies
+    half = qa_slots(questions * 50, hits * 50, entries, top_k=2, unanswerable_ratio=0.5, seed=3)[0]
+    assert 15 < len(half) - 100 < 35                                             # about half of the 50 answerable
