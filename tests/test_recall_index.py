@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from lib.core.errors import DataError
 from lib.recall.index import MemoryIndex
@@ -68,3 +69,56 @@ def test_saved_index_loads_and_answers_the_same(tmp_path):
         MemoryIndex(entries, vectors[:-1])
     with pytest.raises(DataError, match="no user_id"):
         MemoryIndex([{"text": "x"}], vectors[:1])
+
+
+# ---- the query adapter ------------------------------------------------------------------------------------
+
+def worded_apart(users=40, kinds=6, dim=64, seed=0):
+    """Each user holds one entry per kind of fact; the questions of a kind point elsewhere than its entries (a fixed
+    rotation), as a question and its memory are worded apart."""
+    rng = np.random.default_rng(seed)
+    kind_vectors = rng.standard_normal((kinds, dim))
+    rotation = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    entries, vectors, questions, frozen = [], [], [], []
+    for u in range(users):
+        for k in range(kinds):
+            entries.append({"user_id": f"u{u}", "text": f"The user's kind {k} is val{u}x{k}."})
+            vectors.append(kind_vectors[k] + 0.3 * rng.standard_normal(dim))
+            questions.append({"user_id": f"u{u}", "question": f"kind {k}?", "answer": f"val{u}x{k}"})
+            frozen.append(rotation @ kind_vectors[k] + 0.3 * rng.standard_normal(dim))
+    return entries, np.array(vectors, dtype=np.float32), questions, torch.tensor(np.array(frozen), dtype=torch.float32)
+
+
+def top1(index, search, questions):
+    hits = [index.search(v[None], q["user_id"], k=1)[0][0][1]["text"] for v, q in zip(search.numpy(), questions)]
+    return sum(q["answer"] in text for q, text in zip(questions, hits)) / len(questions)
+
+
+def test_query_adapter_starts_as_the_frozen_search_then_finds_the_memories_of_held_out_users(tmp_path):
+    from lib.recall.retrieval import QueryAdapter, answer_rows, search_vectors, train_query_adapter
+
+    entries, vectors, questions, frozen = worded_apart()
+    index = MemoryIndex(entries, vectors)
+    train = [i for i, q in enumerate(questions) if int(q["user_id"][1:]) < 30]
+    test = [i for i, q in enumerate(questions) if int(q["user_id"][1:]) >= 30]
+    held_out = [questions[i] for i in test]
+    # Zero-initialised, the adapter searches exactly as the frozen vectors do.
+    start = search_vectors(frozen[test], QueryAdapter(frozen.shape[1]))
+    assert [index.search_rows(v[None], q["user_id"], 6)[0] for v, q in zip(start.numpy(), held_out)] == \
+        [[(pytest.approx(s, abs=1e-5), r) for s, r in index.search_rows(v[None], q["user_id"], 6)[0]]
+         for v, q in zip(frozen[test].numpy(), held_out)]
+    before = top1(index, frozen[test], held_out)
+    assert answer_rows(questions[0], index.user_rows["u0"], entries) == [0]
+    adapter, learnt = train_query_adapter(frozen[train], [questions[i] for i in train], entries,
+                                          index.vectors(list(range(len(entries)))), index.user_rows, epochs=30,
+                                          learning_rate=1e-2)
+    assert learnt == len(train)
+    after = top1(index, search_vectors(frozen[test], adapter), held_out)
+    assert before < 0.5 and after > 0.9, (before, after)
+    adapter.save(str(tmp_path))
+    again = QueryAdapter.load(str(tmp_path))
+    assert torch.equal(again(frozen[test]), adapter(frozen[test]).detach())
+    assert QueryAdapter.load(str(tmp_path / "nothing")) is None
+    # No question whose answer any entry holds: no adapter.
+    assert train_query_adapter(frozen[:2], [{"user_id": "u0", "question": "?", "answer": "unknown"}] * 2, entries,
+                               vectors, index.user_rows) == (None, 0)

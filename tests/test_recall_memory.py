@@ -111,7 +111,8 @@ def test_pipeline_saves_every_part_and_answers_from_the_users_own_memories(train
     assert summary["k_fold"]["exact_match_std"] >= 0 and len(summary["k_fold"]["folds"]) == 2
     assert sum(f["held_out_entries"] for f in summary["k_fold"]["folds"]) == len(facts)
     for name in ("adapter_model.safetensors", "projector.safetensors", "recall_config.json", "memories.faiss",
-                 "memories.jsonl", "state.json", "summary.json", "README.md", "tokenizer.json"):
+                 "memories.jsonl", "state.json", "summary.json", "README.md", "tokenizer.json",
+                 "query_adapter.safetensors"):
         assert (out / name).exists(), name
     assert not any(p.name.startswith(("checkpoint-", "fold-")) for p in out.iterdir())
     assert not (out.parent / "out.staging").exists() and not (out.parent / "out.lock").exists()
@@ -119,6 +120,8 @@ def test_pipeline_saves_every_part_and_answers_from_the_users_own_memories(train
     assert os.path.getsize(out / "adapter_model.safetensors") < 5e6
     assistant = RecallAssistant(str(out))
     assert "<recall>" in assistant.tokenizer.get_vocab()
+    assert summary["settings"]["query_adapter"] and assistant.query_adapter is not None
+    assert summary["counts"]["adapter_questions"] > 0
     for user in ("u0000", "u0004"):
         result = assistant.answer("What is my dog called?", user_id=user, max_new_tokens=4)
         mine = {e["text"] for e in read(out / "memories.jsonl") if e["user_id"] == user}
@@ -189,6 +192,14 @@ def test_evaluate_and_the_benchmark_measure_a_recall_model(trained, chats_dir, t
     assert set(controls) == {"zero", "shuffled", "random"}
     assert report["index_speed"][0]["entries"] == 3000 and 0 <= report["index_speed"][0]["recall@10"] <= 1
     assert "extraction" not in report  # the run was given its entries
+
+    from benchmarks.bench_query_adapter import main as bench_adapter
+
+    report = bench_adapter(["--recall_model", str(out), "--chats", str(chats_dir), "--epochs", "2"])
+    assert report["questions"] > 0 and report["ceiling"] == 1.0  # the run was given the generator's entries
+    for part in (report["frozen"], report["adapter"], report["unseen_kinds"]["frozen"],
+                 report["unseen_kinds"]["adapter"]):
+        assert 0 <= part["recall@1"] <= part["recall@3"] <= part["recall@5"] <= 1 + 1e-9
 
 
 @pytest.fixture

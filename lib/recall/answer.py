@@ -15,11 +15,11 @@ import os
 
 import torch
 
-from lib.recall.data import as_user_question, final_answer
+from lib.recall.data import final_answer
 from lib.recall.evaluation import ask_prompts, generate_with_memories
 from lib.recall.index import MemoryIndex
 from lib.recall.model import load_recall_model
-from lib.recall.vectors import extract_last_token_embedding
+from lib.recall.retrieval import QueryAdapter, question_vectors
 
 
 class RecallAssistant:
@@ -30,6 +30,7 @@ class RecallAssistant:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.index = MemoryIndex.load(folder)
+        self.query_adapter = QueryAdapter.load(folder)
         summary = os.path.join(folder, "summary.json")
         settings = {}
         if os.path.exists(summary):
@@ -39,8 +40,8 @@ class RecallAssistant:
 
     def question_vectors(self, questions: list[str]) -> torch.Tensor:
         cfg = self.model.recall_config
-        return extract_last_token_embedding(self.model.model, self.tokenizer, [as_user_question(q) for q in questions],
-                                            layer=cfg.vector_layer, template=cfg.vector_template)
+        return question_vectors(self.model.model, self.tokenizer, questions, layer=cfg.vector_layer,
+                                template=cfg.vector_template, adapter=self.query_adapter)
 
     def retrieve(self, questions: list[str], user_ids: list[str], k: int | None = None) -> list[list[tuple[float, int]]]:
         """The ``k`` nearest entry rows of each question's own user: ``[[(cosine, row), ...], ...]``."""

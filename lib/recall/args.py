@@ -51,6 +51,9 @@ class RecallModelArguments:
     vector_template: str = field(default=VECTOR_TEMPLATE, metadata={
         "help": "Prompt around a text before its last-token state is read ({text} is the text)."})
     top_k: int = field(default=3, metadata={"help": "Memories retrieved per question: one <recall> slot each."})
+    query_adapter_epochs: int = field(default=10, metadata={
+        "help": "Epochs of the query adapter trained on the --qa_file questions (a residual linear map on question "
+                "vectors; questions search with the mean of its cosine and the frozen one); 0: none."})
     exact_index_limit: int = field(default=50_000, metadata={
         "help": "Up to this many entries the index is exact; above it, IVF (each user with at most a few "
                 "thousand memories is still searched exactly over their own rows)."})

@@ -34,6 +34,9 @@ def write_run_files(staging, out, model, tokenizer, index, replaced, conversatio
          "vector, the model writes the memory out or answers from it."),
         "",
         f"- memory vectors: last-token hidden state (layer {cfg.vector_layer}) of the frozen model",
+        "- questions search with those vectors" + (" and a query adapter trained on the training questions "
+                                                   "(`query_adapter.safetensors`)"
+                                                   if summary["settings"].get("query_adapter") else ""),
         f"- {summary['counts']['entries']} memory entries; the index and entries are personal data and are not "
         "pushed to the hub unless asked (`--push_memories`)",
         "",

@@ -61,6 +61,7 @@ def run(argv=None) -> dict:
         load_recall_model,
     )
     from lib.recall.outputs import push_run, write_run_files
+    from lib.recall.retrieval import QueryAdapter, question_vectors, search_vectors, train_query_adapter
     from lib.recall.vectors import extract_last_token_embedding
 
     model_args, data_args, recall_args, args, _ = parse_args(
@@ -156,13 +157,26 @@ def run(argv=None) -> dict:
 
         # ---- 3. rows: every entry (when continuing: the new ones, and --rehearsal_ratio times as many earlier ones) --
         questions, slots, recited, sft = [], [], [], []
+        adapter = QueryAdapter.load(out) if old else None  # kept when this run has no questions to retrain it on
         if data_args.qa_file:
             from lib.recall.training import load_qa_rows, qa_slots
 
             questions = [q for q in load_qa_rows(data_args.qa_file, data_args.max_qa_rows, args.seed)
                          if str(q["user_id"]) in index.user_rows]
+            frozen = question_vectors(base, tokenizer, [q["question"] for q in questions],
+                                      layer=recall_args.vector_layer, template=recall_args.vector_template)
+            if recall_args.query_adapter_epochs > 0:
+                start = time.time()
+                adapter, counts["adapter_questions"] = train_query_adapter(
+                    frozen, questions, entries, table.numpy(), index.user_rows,
+                    epochs=recall_args.query_adapter_epochs, seed=args.seed)
+                adapter = _same_on_every_process(adapter)
+                times["query_adapter_s"] = time.time() - start
+                say(f"query adapter: trained on {counts['adapter_questions']} questions")
+            search = search_vectors(frozen, adapter).numpy()
             # Some more than top_k: a question's unanswerable copy reads the nearest entries without its answer.
-            hits = _retrieve(base, tokenizer, index, questions, recall_args, k=2 * recall_args.top_k + 2)
+            k = 2 * recall_args.top_k + 2
+            hits = [index.search_rows(v[None], str(q["user_id"]), k)[0] for v, q in zip(search, questions)]
             questions, slots, recited = qa_slots(questions, hits, entries, top_k=recall_args.top_k,
                                                  unanswerable_ratio=recall_args.unanswerable_ratio, seed=args.seed)
         if data_args.sft_file:
@@ -254,6 +268,7 @@ def run(argv=None) -> dict:
                        "train_rows": len(train_ds), "train_entries": len(train_entries), "questions": len(questions)},
             "continued_from_previous": continuing, "index": index.kind, "times": times,
             "settings": {"top_k": recall_args.top_k, "vector_layer": recall_args.vector_layer,
+                         "query_adapter": adapter is not None,
                          "k_folds": recall_args.k_folds, "base_model": model_args.model_name_or_path,
                          "learning_rate": args.learning_rate,
                          "extractor_model": recall_args.extractor_model or model_args.model_name_or_path},
@@ -272,6 +287,8 @@ def run(argv=None) -> dict:
             save_files(staging)
             tokenizer.save_pretrained(staging)
         if main_process:
+            if adapter is not None:
+                adapter.save(staging)
             write_run_files(staging, out, model, tokenizer, index, replaced, conversations, state, summary,
                             recall_args)
             for path in [os.path.join(staging, n) for n in os.listdir(staging)]:
@@ -295,11 +312,13 @@ def _has_model(folder: str) -> bool:
     return os.path.exists(os.path.join(folder, "adapter_config.json"))
 
 
-def _retrieve(base, tokenizer, index, questions, recall_args, k: int):
-    from lib.recall.data import as_user_question
-    from lib.recall.vectors import extract_last_token_embedding
+def _same_on_every_process(adapter):
+    """Under torchrun every process searches with the main process's adapter (so all build the same rows)."""
+    import torch
 
-    vectors = extract_last_token_embedding(base, tokenizer, [as_user_question(q["question"]) for q in questions],
-                                           layer=recall_args.vector_layer, template=recall_args.vector_template)
-    return [index.search_rows(v[None].numpy(), str(q["user_id"]), k)[0]
-            for v, q in zip(vectors, questions)]
+    if adapter is None or not torch.distributed.is_initialized():
+        return adapter
+    state = [{k: v.detach().cpu() for k, v in adapter.state_dict().items()}]
+    torch.distributed.broadcast_object_list(state, src=0)
+    adapter.load_state_dict(state[0])
+    return adapter
