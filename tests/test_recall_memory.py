@@ -257,9 +257,11 @@ def test_torchrun_processes_share_extraction_and_keep_the_same_memories(tmp_path
 
     common = ["--memory_type", "recall", "--model_name_or_path", TINY, "--chat_logs",
               str(chats_dir / "logs" / "conversations.jsonl"), "--check_grounding", "false", "--max_steps", "1",
-              "--per_device_train_batch_size", "4", "--extraction_max_new_tokens", "8", "--seed", "0"]
+              "--per_device_train_batch_size", "4", "--extraction_max_new_tokens", "8", "--seed", "0",
+              "--qa_file", str(chats_dir / "questions_train.jsonl")]
     single = run_recall(None, tmp_path / "single", "--chat_logs", str(chats_dir / "logs" / "conversations.jsonl"),
-                        "--check_grounding", "false", "--max_steps", "1", "--per_device_train_batch_size", "4")
+                        "--check_grounding", "false", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                        "--qa_file", str(chats_dir / "questions_train.jsonl"))
     proc = run_launcher("torchrun", "tests/recall_parrot.py", [*common, "--output_dir", str(tmp_path / "multi")])
     assert proc.returncode == 0, proc.stderr[-4000:]
     multi = json.load(open(tmp_path / "multi" / "summary.json"))
@@ -267,3 +269,9 @@ def test_torchrun_processes_share_extraction_and_keep_the_same_memories(tmp_path
     shares = multi["counts"]["messages_read_per_process"]
     assert len(shares) == 2 and all(0 < n < multi["counts"]["messages_read"] for n in shares)
     assert read(tmp_path / "multi" / "memories.jsonl") == read(tmp_path / "single" / "memories.jsonl")
+    # Every process searched with the main process's query adapter, the one a single process trains.
+    from lib.recall.retrieval import QueryAdapter
+
+    assert multi["counts"]["adapter_questions"] == single["counts"]["adapter_questions"] > 0
+    one, two = (QueryAdapter.load(str(tmp_path / name)).state_dict() for name in ("single", "multi"))
+    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)

@@ -157,7 +157,8 @@ def run(argv=None) -> dict:
 
         # ---- 3. rows: every entry (when continuing: the new ones, and --rehearsal_ratio times as many earlier ones) --
         questions, slots, recited, sft = [], [], [], []
-        adapter = QueryAdapter.load(out) if old else None  # kept when this run has no questions to retrain it on
+        # The previous run's adapter is kept when this run has no questions to train it on.
+        adapter = QueryAdapter.load(out) if old and recall_args.query_adapter_epochs > 0 else None
         if data_args.qa_file:
             from lib.recall.training import load_qa_rows, qa_slots
 
