@@ -105,7 +105,8 @@ def train_query_adapter(frozen: torch.Tensor, questions: list[dict], entries: li
         positive = answer_rows(question, rows, entries)
         if not positive:
             continue
-        others = [int(r) for r in rows if int(r) not in set(positive)]
+        chosen = set(positive)
+        others = [int(r) for r in rows if int(r) not in chosen]
         if len(positive) + len(others) > max_candidates:
             keep = max(0, max_candidates - len(positive))
             others = [others[j] for j in sorted(rng.choice(len(others), size=keep, replace=False))]
