@@ -20,6 +20,12 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def holds_answer(text: str, answer: str, gold: str = "") -> bool:
+    """A memory entry's ``text`` is the ``gold`` memory text or names the ``answer`` as a whole word (normalised)."""
+    text, answer = normalise(text), normalise(answer)
+    return (bool(gold) and text == normalise(gold)) or (bool(answer) and f" {answer} " in f" {text} ")
+
+
 def answer_correct(generated: str, answer: str) -> bool:
     """The gold answer is in the generated one's answer part (after "Answer:" when the model recites a memory
     first; normalised); "unknown" also accepts "don't know" / "not know"."""

@@ -19,6 +19,7 @@ from lib.recall.evaluation import (
     answer_correct,
     ask_prompts,
     generate_with_memories,
+    holds_answer,
     normalise,
 )
 
@@ -96,9 +97,8 @@ def evaluate_probes(assistant, probes: list[dict], *, max_new_tokens: int = 16, 
     known = [i for i, p in enumerate(probes) if normalise(str(p["answer"])) != "unknown"]
 
     def retrieved(i: int, k: int) -> bool:
-        texts = [normalise(assistant.index.entries[row]["text"]) for _, row in hits[i][:k]]
-        gold, answer = normalise(probes[i].get("memory") or ""), normalise(str(probes[i]["answer"]))
-        return any(t == gold or f" {answer} " in f" {t} " for t in texts)
+        return any(holds_answer(assistant.index.entries[row]["text"], str(probes[i]["answer"]),
+                                probes[i].get("memory") or "") for _, row in hits[i][:k])
 
     for k in sorted({1, assistant.top_k}):
         results[f"index_recall@{k}"] = sum(retrieved(i, k) for i in known) / max(1, len(known))

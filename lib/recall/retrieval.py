@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lib.recall.data import as_user_question
-from lib.recall.evaluation import normalise
+from lib.recall.evaluation import holds_answer, normalise
 from lib.recall.vectors import extract_last_token_embedding
 
 ADAPTER_FILE = "query_adapter.safetensors"
@@ -81,12 +81,10 @@ def search_vectors(frozen: torch.Tensor, adapter: QueryAdapter | None) -> torch.
 
 def answer_rows(question: dict, rows, entries: list[dict]) -> list[int]:
     """The rows among ``rows`` (the asking user's) whose entry is the question's gold memory or holds its answer."""
-    answer = normalise(str(question.get("answer", "")))
-    gold = normalise(question.get("memory") or "")
-    if not answer or answer == "unknown":
+    answer, gold = str(question.get("answer", "")), question.get("memory") or ""
+    if not normalise(answer) or normalise(answer) == "unknown":
         return []
-    return [int(r) for r in rows if normalise(entries[r]["text"]) == gold
-            or f" {answer} " in f" {normalise(entries[r]['text'])} "]
+    return [int(r) for r in rows if holds_answer(entries[r]["text"], answer, gold)]
 
 
 def train_query_adapter(frozen: torch.Tensor, questions: list[dict], entries: list[dict], entry_vectors: np.ndarray,

@@ -9,7 +9,7 @@ import datasets
 import torch
 
 from lib.recall.data import RecallCollator, qa_row, recall_row, recited_answer, sft_row
-from lib.recall.evaluation import UNKNOWN, normalise
+from lib.recall.evaluation import UNKNOWN, holds_answer, normalise
 
 
 def load_qa_rows(path: str, limit: int | None = None, seed: int = 0) -> list[dict]:
@@ -45,10 +45,10 @@ def qa_slots(questions: list[dict], hits: list[list[tuple[float, int]]], entries
         nearest = [r for _, r in found]
         rows = nearest[:top_k]
         user = str(question["user_id"])
-        answer = normalise(str(question["answer"]))
+        answer = str(question["answer"])
 
         def holds(r: int) -> bool:
-            return bool(answer) and f" {answer} " in f" {normalise(entries[r]['text'])} "
+            return holds_answer(entries[r]["text"], answer)
         source = by_text.get((user, normalise(question.get("memory") or "")))
         if source is None:
             source = next((r for r in rows + by_user.get(user, []) if holds(r)), None)
