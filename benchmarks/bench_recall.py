@@ -129,12 +129,12 @@ def main(argv=None) -> dict:
         probes = load_probes(os.path.join(args.chats, "questions_test.jsonl"), args.limit, args.seed)
         hits = assistant.retrieve([p["question"] for p in probes], [p["user_id"] for p in probes], k=5)
         known = [(p, h) for p, h in zip(probes, hits) if p["answer"] != "unknown"]
-        from lib.recall.evaluation import normalise
+        from lib.recall.evaluation import holds_answer
 
         for k in (1, 5):
             out[f"index_recall@{k}"] = sum(
-                any(f" {normalise(p['answer'])} " in f" {normalise(assistant.index.entries[r]['text'])} "
-                    for _, r in h[:k]) for p, h in known) / max(1, len(known))
+                any(holds_answer(assistant.index.entries[r]["text"], str(p["answer"])) for _, r in h[:k])
+                for p, h in known) / max(1, len(known))
         rows = [i for i, e in enumerate(assistant.index.entries) if e["user_id"] in test_users]
         rows = sorted(random.Random(args.seed).sample(rows, min(args.limit, len(rows))))
         vectors = torch.from_numpy(assistant.index.vectors(rows))
