@@ -258,10 +258,12 @@ def test_torchrun_processes_share_extraction_and_keep_the_same_memories(tmp_path
     common = ["--memory_type", "recall", "--model_name_or_path", TINY, "--chat_logs",
               str(chats_dir / "logs" / "conversations.jsonl"), "--check_grounding", "false", "--max_steps", "1",
               "--per_device_train_batch_size", "4", "--extraction_max_new_tokens", "8", "--seed", "0",
-              "--qa_file", str(chats_dir / "questions_train.jsonl")]
+              "--qa_file", str(chats_dir / "questions_train.jsonl"), "--sft_file",
+              str(chats_dir / "general_chat.jsonl"), "--sft_mix_ratio", "0.5", "--sft_loss", "kl"]
     single = run_recall(None, tmp_path / "single", "--chat_logs", str(chats_dir / "logs" / "conversations.jsonl"),
                         "--check_grounding", "false", "--max_steps", "1", "--per_device_train_batch_size", "4",
-                        "--qa_file", str(chats_dir / "questions_train.jsonl"))
+                        "--qa_file", str(chats_dir / "questions_train.jsonl"), "--sft_file",
+                        str(chats_dir / "general_chat.jsonl"), "--sft_mix_ratio", "0.5", "--sft_loss", "kl")
     proc = run_launcher("torchrun", "tests/recall_parrot.py", [*common, "--output_dir", str(tmp_path / "multi")])
     assert proc.returncode == 0, proc.stderr[-4000:]
     multi = json.load(open(tmp_path / "multi" / "summary.json"))
@@ -275,3 +277,34 @@ def test_torchrun_processes_share_extraction_and_keep_the_same_memories(tmp_path
     assert multi["counts"]["adapter_questions"] == single["counts"]["adapter_questions"] > 0
     one, two = (QueryAdapter.load(str(tmp_path / name)).state_dict() for name in ("single", "multi"))
     assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+    # Instruction rows trained against the base model (--sft_loss kl) on every process.
+    assert multi["settings"]["sft_loss"] == "kl" and "loss/sft" in multi["final_loss"]
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("launchers")
+def test_deepspeed_zero2_trains_the_same_recall_model_as_ddp_and_zero3_is_refused(tmp_path, chats_dir):
+    """ZeRO-2 shards the LoRA's gradients and optimizer states: the weights after three steps (instruction rows
+    against the base model included) equal DDP's. ZeRO-3 would partition the model that extraction and the vectors
+    need whole: one sentence, before anything is read."""
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import run_launcher
+
+    common = ["--memory_type", "recall", "--model_name_or_path", TINY, "--memories_file",
+              str(chats_dir / "facts.jsonl"), "--qa_file", str(chats_dir / "questions_train.jsonl"), "--sft_file",
+              str(chats_dir / "general_chat.jsonl"), "--sft_mix_ratio", "0.5", "--sft_loss", "kl", "--max_steps",
+              "3", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--seed", "0"]
+    weights = {}
+    for launcher, extra in (("torchrun", ()), ("deepspeed", ("--deepspeed", "ds_configs/zero2.json"))):
+        proc = run_launcher(launcher, "train_memory.py", [*common, "--output_dir", str(tmp_path / launcher), *extra])
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        weights[launcher] = load_file(str(tmp_path / launcher / "trainable.safetensors"))
+    ddp, zero2 = weights["torchrun"], weights["deepspeed"]
+    assert ddp.keys() == zero2.keys() and any("lora_B" in n and ddp[n].abs().max() > 0 for n in ddp)
+    for name, weight in ddp.items():
+        assert torch.allclose(zero2[name], weight, atol=1e-5), (name, (zero2[name] - weight).abs().max())
+    proc = run_launcher("deepspeed", "train_memory.py", [*common, "--output_dir", str(tmp_path / "zero3"),
+                                                         "--deepspeed", "ds_configs/zero3.json"])
+    assert proc.returncode != 0 and "does not run under ZeRO-3" in proc.stderr + proc.stdout
+    assert not (tmp_path / "zero3").exists()

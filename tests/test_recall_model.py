@@ -94,3 +94,63 @@ def test_recall_training_can_batch_rows_of_similar_length(tiny_llama, tmp_path):
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler)
     assert lengths[list(sampler)[0]] == 40  # the longest row leads the first batch, as the sampler promises
+
+
+def _kl_setup(tiny_llama, tmp_path, sft_loss):
+    from lib.recall.args import RecallTrainingArguments
+    from lib.recall.data import RecallCollator, recall_row, sft_row
+    from lib.recall.model import RecallConfig, build_recall_model
+    from lib.recall.trainer import RecallTrainer
+
+    base, tokenizer = copy.deepcopy(tiny_llama[0]), copy.deepcopy(tiny_llama[1])
+    model = build_recall_model(base, tokenizer, RecallConfig(base_model=TINY, vector_dim=8,
+                                                             hidden_size=base.config.hidden_size))
+    chat = [{"role": "user", "content": "How was the weekend?"},
+            {"role": "assistant", "content": "Quiet, I read a book about old boats."}]
+    rows = [recall_row(tokenizer, 0, "The user's dog is called Rex.", "<recall>"),
+            sft_row(tokenizer, chat), sft_row(tokenizer, chat[:1] + [{"role": "assistant", "content": "Busy."}])]
+    args = RecallTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, report_to="none",
+                                   save_strategy="no")
+    collator = RecallCollator(torch.randn(1, 8), tokenizer.pad_token_id)
+    trainer = RecallTrainer(model=model, args=args, processing_class=tokenizer, data_collator=collator,
+                            sft_loss=sft_loss)
+    return model, trainer, collator(rows)
+
+
+def test_kl_instruction_loss_is_the_divergence_from_the_model_with_its_lora_off(tiny_llama, tmp_path):
+    """--sft_loss kl: an instruction row's answer tokens count KL(base || model) (the base being the same model
+    with its LoRA off), recall and QA rows their cross-entropy; zero on instruction rows while the LoRA is zero."""
+    import torch.nn.functional as F
+
+    model, trainer, batch = _kl_setup(tiny_llama, tmp_path, "kl")
+    sft_only = {k: v[1:] for k, v in batch.items()}
+    assert float(trainer.compute_loss(model, sft_only)) < 1e-6  # LoRA B starts at zero: the model is the base
+    _, ce_trainer, _ = _kl_setup(tiny_llama, tmp_path, "ce")
+    assert float(ce_trainer.compute_loss(model, sft_only)) > 1.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    loss = trainer.compute_loss(model, batch)
+    # The reference: full logits with and without the LoRA, each row's answer tokens by hand.
+    with torch.no_grad():
+        plain = model(batch["input_ids"], batch["attention_mask"], batch["memory_vectors"]).logits
+        with model.model.disable_adapter():
+            off = model(batch["input_ids"], batch["attention_mask"], batch["memory_vectors"]).logits
+    total, count = 0.0, 0
+    for row in range(3):
+        for t in range(batch["labels"].shape[1] - 1):
+            target = int(batch["labels"][row, t + 1])
+            if target == -100:
+                continue
+            log_model = F.log_softmax(plain[row, t].float(), -1)
+            if row == 0:
+                total += float(-log_model[target])
+            else:
+                log_base = F.log_softmax(off[row, t].float(), -1)
+                total += float((log_base.exp() * (log_base - log_model)).sum())
+            count += 1
+    assert abs(float(loss) - total / count) < 1e-4
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)

@@ -70,6 +70,13 @@ def run(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     check_push_to_hub(args.push_to_hub, args.hub_model_id)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise UserError(f"--memory_type recall does not run under ZeRO-3 (--deepspeed {args.deepspeed}): extraction, "
+                        "the vectors and the index need the whole model in every process; use DDP (torchrun) or "
+                        "ZeRO-2 (--deepspeed ds_configs/zero2.json), which shards the LoRA's gradients and "
+                        "optimizer states.")
     user_callbacks = load_user_callbacks(args.callbacks)
     main_process = args.process_index == 0
     out = os.path.abspath(args.output_dir)
@@ -226,7 +233,8 @@ def run(argv=None) -> dict:
                 fold_args.save_strategy = "no"
                 fold_tokenizer = copy.deepcopy(tokenizer)
                 model = build_recall_model(copy.deepcopy(base), fold_tokenizer, recall_config)
-                train_recall(model, fold_tokenizer, rows_for(sorted(keep), picked), table, fold_args)
+                train_recall(model, fold_tokenizer, rows_for(sorted(keep), picked), table, fold_args,
+                             sft_loss=data_args.sft_loss)
                 held_rows = sorted(held)
                 result = reconstruction(model.eval(), fold_tokenizer, [entries[i]["text"] for i in held_rows],
                                         table[held_rows], controls=False)
@@ -245,7 +253,7 @@ def run(argv=None) -> dict:
             model = build_recall_model(base, tokenizer, recall_config)
         train_ds = rows_for(train_entries, range(len(questions)))
         say(f"training rows: {len(train_ds)} ({len(train_entries)} entries, {len(questions)} questions, "
-            f"instruction mix {data_args.sft_mix_ratio})" + (" — continuing the previous model" if continuing else ""))
+            f"instruction mix {data_args.sft_mix_ratio}, {data_args.sft_loss} loss)" + (" — continuing the previous model" if continuing else ""))
 
         def save_files(folder: str) -> None:
             model.save(folder)
@@ -260,7 +268,8 @@ def run(argv=None) -> dict:
             say("no new memories: the model stays as it is")
         else:
             trainer = train_recall(model, tokenizer, train_ds, table, args, save_files=save_files, resume=resume,
-                                   callbacks=[SafeCallback(MetricsFileCallback()), *user_callbacks])
+                                   callbacks=[SafeCallback(MetricsFileCallback()), *user_callbacks],
+                                   sft_loss=data_args.sft_loss)
         times["training_s"] = time.time() - start
 
         # ---- 6. save everything into the staging folder, then swap it in -----------------------------------
@@ -270,7 +279,8 @@ def run(argv=None) -> dict:
             "continued_from_previous": continuing, "index": index.kind, "times": times,
             "settings": {"top_k": recall_args.top_k, "vector_layer": recall_args.vector_layer,
                          "query_adapter": adapter is not None,
-                         "k_folds": recall_args.k_folds, "base_model": model_args.model_name_or_path,
+                         "k_folds": recall_args.k_folds, "sft_mix_ratio": data_args.sft_mix_ratio,
+                         "sft_loss": data_args.sft_loss, "base_model": model_args.model_name_or_path,
                          "learning_rate": args.learning_rate,
                          "extractor_model": recall_args.extractor_model or model_args.model_name_or_path},
             "final_loss": {k: v for h in (trainer.state.log_history if trainer else []) for k, v in h.items()

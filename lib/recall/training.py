@@ -88,13 +88,13 @@ def build_rows(tokenizer, entries: list[dict], entry_rows: list[int], questions:
 
 
 def train_recall(model, tokenizer, train_ds, vectors: torch.Tensor, args, *, save_files=None, resume=None,
-                 callbacks=()):
+                 callbacks=(), sft_loss: str = "ce"):
     """Train ``model`` (a RecallModel) on ``train_ds``; returns the trainer."""
     from lib.recall.trainer import RecallTrainer
 
     trainer = RecallTrainer(model=model, args=args, train_dataset=train_ds,
                             data_collator=RecallCollator(vectors, tokenizer.pad_token_id), processing_class=tokenizer,
-                            save_files=save_files)
+                            save_files=save_files, sft_loss=sft_loss)
     for callback in callbacks:
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=resume)
