@@ -308,3 +308,34 @@ def test_deepspeed_zero2_trains_the_same_recall_model_as_ddp_and_zero3_is_refuse
                                                          "--deepspeed", "ds_configs/zero3.json"])
     assert proc.returncode != 0 and "does not run under ZeRO-3" in proc.stderr + proc.stdout
     assert not (tmp_path / "zero3").exists()
+
+
+def test_recall_trains_on_an_architecture_with_other_module_names(tmp_path, chats_dir):
+    """GPT-2 names its layers c_attn / c_fc / c_proj (Conv1D) and its embedding wte: the default all-linear LoRA and
+    the <recall> row find them (q_proj-style names and an embed_tokens row were once hard-wired)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lib.models.loading import load_tokenizer
+    from lib.recall.answer import RecallAssistant
+
+    tokenizer = load_tokenizer(TINY)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "out"
+    summary = run_recall(None, out, "--model_name_or_path", str(tmp_path / "gpt2"), "--memories_file",
+                         str(chats_dir / "facts.jsonl"), "--qa_file", str(chats_dir / "questions_train.jsonl"),
+                         "--max_steps", "2")
+    assert summary["counts"]["entries"] > 0
+    config = json.load(open(out / "adapter_config.json"))
+    assert {"c_attn", "c_fc", "c_proj"} <= {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_B" in n and w.abs().max() > 0 for n, w in weights.items())
+    assert any("wte" in n and "trainable_tokens" in n for n in weights)
+    result = RecallAssistant(str(out)).answer("What is my dog called?", user_id="u0001", max_new_tokens=3)
+    mine = {e["text"] for e in read(out / "memories.jsonl") if e["user_id"] == "u0001"}
+    assert result["memories"] and {text for _, text in result["memories"]} <= mine

@@ -65,6 +65,9 @@ class RecallModelArguments:
                 "thousand memories is still searched exactly over their own rows)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "Modules that get LoRA: all-linear (every linear layer but the output head, whatever the "
+                "architecture names them), or comma-separated module names (q_proj,v_proj)."})
     k_folds: int = field(default=0, metadata={
         "help": "K-fold cross-validation over memory entries before the final run (0: none): each fold's held-out "
                 "reconstruction and their mean and std go into summary.json."})
@@ -95,6 +98,8 @@ class RecallModelArguments:
             raise UserError(f"--unanswerable_ratio must be in [0, 1], got {self.unanswerable_ratio}.")
         if self.rehearsal_ratio < 0:
             raise UserError(f"--rehearsal_ratio must be at least 0, got {self.rehearsal_ratio}.")
+        if not self.lora_target_modules.strip(",  "):
+            raise UserError("--lora_target_modules is empty; give all-linear or module names such as q_proj,v_proj.")
         if "{text}" not in self.vector_template:
             raise UserError("--vector_template must contain {text}.")
 

@@ -37,12 +37,16 @@ class RecallConfig:
     recall_token: str = RECALL_TOKEN
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                            "down_proj")
+    lora_target_modules: str = "all-linear"  # or comma-separated module names
+
+    def target_modules(self) -> str | list[str]:
+        """What PEFT's ``LoraConfig(target_modules=...)`` takes."""
+        targets = self.lora_target_modules.strip()
+        return targets if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
 
     def save(self, folder: str) -> None:
         with atomic_path(os.path.join(folder, CONFIG_FILE)) as tmp, open(tmp, "w") as f:
-            json.dump({**asdict(self), "lora_target_modules": list(self.lora_target_modules)}, f, indent=2)
+            json.dump(asdict(self), f, indent=2)
 
     @classmethod
     def load(cls, folder: str) -> RecallConfig:
@@ -52,7 +56,8 @@ class RecallConfig:
                             "train_memory.py --memory_type recall.")
         with open(path) as f:
             raw = json.load(f)
-        raw["lora_target_modules"] = tuple(raw.get("lora_target_modules", ()))
+        if isinstance(raw.get("lora_target_modules"), list):  # written before the option existed
+            raw["lora_target_modules"] = ",".join(raw["lora_target_modules"])
         return cls(**raw)
 
 
@@ -164,8 +169,8 @@ def build_recall_model(base, tokenizer, recall_config: RecallConfig) -> RecallMo
 
     token_id = add_recall_token(base, tokenizer, recall_config.recall_token)
     lora = LoraConfig(r=recall_config.lora_r, lora_alpha=recall_config.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(recall_config.lora_target_modules), task_type="CAUSAL_LM",
-                      trainable_token_indices={"embed_tokens": [token_id]})
+                      target_modules=recall_config.target_modules(), task_type="CAUSAL_LM",
+                      trainable_token_indices=[token_id])  # a list: the input embedding, whatever its name
     peft_model = get_peft_model(base, lora)
     return RecallModel(peft_model, Projector(recall_config.vector_dim, recall_config.hidden_size), recall_config,
                        token_id)

@@ -207,7 +207,8 @@ def run(argv=None) -> dict:
         recall_config = RecallConfig(base_model=model_args.model_name_or_path, vector_dim=vectors.shape[1],
                                      hidden_size=base.config.hidden_size, vector_layer=recall_args.vector_layer,
                                      vector_template=recall_args.vector_template, lora_r=recall_args.lora_r,
-                                     lora_alpha=recall_args.lora_alpha)
+                                     lora_alpha=recall_args.lora_alpha,
+                                     lora_target_modules=recall_args.lora_target_modules)
         from lib.recall.training import build_rows, train_recall
 
         def rows_for(entry_rows, picked):
