@@ -24,11 +24,11 @@ class RecallDataArguments:
         "help": "Ordinary instruction conversations ({messages} rows) mixed in so general ability is kept."})
     sft_mix_ratio: float = field(default=0.1, metadata={
         "help": "Instruction rows per memory row (0.1: one in ten)."})
-    sft_loss: str = field(default="ce", metadata={
-        "help": "The instruction rows' loss. ce: next-token loss on their answers (the model learns the rows' own "
-                "replies); kl: the KL divergence from the frozen base model's next-token distribution at those "
-                "tokens (read with the LoRA off), so the rows hold the model to what it did before instead of "
-                "teaching it new text.",
+    sft_loss: str = field(default="kl", metadata={
+        "help": "The instruction rows' loss. kl: the KL divergence from the frozen base model's next-token "
+                "distribution at their answer tokens (read with the LoRA off), so the rows hold the model to what "
+                "it did before (on SmolLM2 PIQA acc_norm stayed at 0.66, against 0.56 with ce, and QA rose); ce: "
+                "next-token loss on their answers (the model learns the rows' own replies).",
         "choices": ["ce", "kl"]})
     max_qa_rows: int | None = field(default=None, metadata={"help": "Use at most this many --qa_file rows (seeded)."})
     max_length: int = field(default=192, metadata={"help": "Longest training row in tokens."})

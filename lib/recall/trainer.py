@@ -24,7 +24,7 @@ class RecallTrainer(FrozenBackboneTrainer):
     model's next-token distribution (the same model with its LoRA off) is the target, so those rows keep the model
     near its old behaviour rather than teaching it the rows' text."""
 
-    def __init__(self, *args, save_files=None, sft_loss: str = "ce", **kwargs):
+    def __init__(self, *args, save_files=None, sft_loss: str = "kl", **kwargs):
         super().__init__(*args, **kwargs)
         if sft_loss not in ("ce", "kl"):
             raise ValueError(f"sft_loss must be 'ce' or 'kl', got {sft_loss!r}")

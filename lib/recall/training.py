@@ -88,7 +88,7 @@ def build_rows(tokenizer, entries: list[dict], entry_rows: list[int], questions:
 
 
 def train_recall(model, tokenizer, train_ds, vectors: torch.Tensor, args, *, save_files=None, resume=None,
-                 callbacks=(), sft_loss: str = "ce"):
+                 callbacks=(), sft_loss: str = "kl"):
     """Train ``model`` (a RecallModel) on ``train_ds``; returns the trainer."""
     from lib.recall.trainer import RecallTrainer
 
