@@ -168,3 +168,14 @@ def test_instruction_pools_are_disjoint_real_conversations():
     assert all(0 <= q["answer"] < len(q["choices"]) and len(set(q["choices"])) > 1 for q in mc)
     asked = [r["messages"][0]["content"] for rows in pools.values() for r in rows]
     assert not any(q["question"] in text for q in mc for text in asked)
+
+
+def test_a_recipes_switch_is_read_behind_the_deepspeed_launchers_local_rank():
+    """The deepspeed launcher runs ``script --local_rank=N recipe.yaml ...``: train_memory.py's --memory_type (and
+    train_router.py's --router_type) in the recipe were missed, so a recall recipe went to the explicit parser."""
+    from lib.core.args import peek_setting
+
+    recipe = os.path.join(ROOT, "recipes", "recall", "train_recall_smollm2.yaml")
+    assert peek_setting([recipe], "memory_type") == "recall"
+    assert peek_setting(["--local_rank=1", recipe, "--output_dir", "x"], "memory_type") == "recall"
+    assert peek_setting(["--local_rank=0", recipe, "--memory_type", "explicit"], "memory_type") == "explicit"

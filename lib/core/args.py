@@ -64,6 +64,7 @@ def read_recipe(path: str) -> dict[str, Any]:
 def peek_setting(argv: list[str], name: str) -> Any:
     """The value of setting ``name`` on the command line (``--name v`` or ``--name=v``) or else in the recipe, without
     parsing anything else (scripts that switch on it, like ``train_router.py --router_type``)."""
+    argv = _split_launcher_flags(argv, False)  # the deepspeed launcher's --local_rank=N comes before the recipe
     flag = f"--{name}"
     for i, arg in enumerate(argv):
         if arg.startswith(flag + "="):
