@@ -159,12 +159,14 @@ def test_kl_instruction_loss_is_the_divergence_from_the_model_with_its_lora_off(
 def test_recall_config_reads_the_target_modules_of_earlier_runs(tmp_path):
     import json
 
+    from lib.models.adapters import peft_target_modules
     from lib.recall.model import CONFIG_FILE, RecallConfig
 
     RecallConfig(base_model=TINY, vector_dim=8, hidden_size=64, lora_target_modules="q_proj, v_proj").save(tmp_path)
-    assert RecallConfig.load(tmp_path).target_modules() == ["q_proj", "v_proj"]
+    assert peft_target_modules(RecallConfig.load(tmp_path).lora_target_modules) == ["q_proj", "v_proj"]
     raw = json.load(open(tmp_path / CONFIG_FILE))
     raw["lora_target_modules"] = ["q_proj", "k_proj"]  # how runs before --lora_target_modules wrote it
     json.dump(raw, open(tmp_path / CONFIG_FILE, "w"))
-    assert RecallConfig.load(tmp_path).target_modules() == ["q_proj", "k_proj"]
-    assert RecallConfig(base_model=TINY, vector_dim=8, hidden_size=64).target_modules() == "all-linear"
+    assert peft_target_modules(RecallConfig.load(tmp_path).lora_target_modules) == ["q_proj", "k_proj"]
+    assert peft_target_modules(RecallConfig(base_model=TINY, vector_dim=8, hidden_size=64).lora_target_modules) == \
+        "all-linear"

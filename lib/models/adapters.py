@@ -15,6 +15,13 @@ from lib.models.deepspeed import zero3_init_disabled
 from lib.models.loading import load_model_and_tokenizer
 
 
+def peft_target_modules(targets: str) -> str | list[str]:
+    """``--lora_target_modules`` as PEFT's ``LoraConfig(target_modules=...)`` takes it: ``all-linear`` as it is,
+    else the comma-separated module names."""
+    targets = targets.strip()
+    return targets if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
+
+
 def check_adapter_dir(adapter_dir: str) -> None:
     if not os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
         raise UserError(f"--adapter {adapter_dir} has no adapter_config.json; point it to the output_dir of "

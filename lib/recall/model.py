@@ -39,11 +39,6 @@ class RecallConfig:
     lora_alpha: int = 32
     lora_target_modules: str = "all-linear"  # or comma-separated module names
 
-    def target_modules(self) -> str | list[str]:
-        """What PEFT's ``LoraConfig(target_modules=...)`` takes."""
-        targets = self.lora_target_modules.strip()
-        return targets if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
-
     def save(self, folder: str) -> None:
         with atomic_path(os.path.join(folder, CONFIG_FILE)) as tmp, open(tmp, "w") as f:
             json.dump(asdict(self), f, indent=2)
@@ -167,9 +162,11 @@ def build_recall_model(base, tokenizer, recall_config: RecallConfig) -> RecallMo
     """A fresh recall model on ``base`` (frozen): token added, LoRA + trainable token row, new projector."""
     from peft import LoraConfig, get_peft_model
 
+    from lib.models.adapters import peft_target_modules
+
     token_id = add_recall_token(base, tokenizer, recall_config.recall_token)
     lora = LoraConfig(r=recall_config.lora_r, lora_alpha=recall_config.lora_alpha, lora_dropout=0.0,
-                      target_modules=recall_config.target_modules(), task_type="CAUSAL_LM",
+                      target_modules=peft_target_modules(recall_config.lora_target_modules), task_type="CAUSAL_LM",
                       trainable_token_indices=[token_id])  # a list: the input embedding, whatever its name
     peft_model = get_peft_model(base, lora)
     return RecallModel(peft_model, Projector(recall_config.vector_dim, recall_config.hidden_size), recall_config,

@@ -254,7 +254,8 @@ def run(argv=None) -> dict:
             model = build_recall_model(base, tokenizer, recall_config)
         train_ds = rows_for(train_entries, range(len(questions)))
         say(f"training rows: {len(train_ds)} ({len(train_entries)} entries, {len(questions)} questions, "
-            f"instruction mix {data_args.sft_mix_ratio}, {data_args.sft_loss} loss)" + (" — continuing the previous model" if continuing else ""))
+            f"instruction mix {data_args.sft_mix_ratio}, {data_args.sft_loss} loss)"
+            + (" — continuing the previous model" if continuing else ""))
 
         def save_files(folder: str) -> None:
             model.save(folder)

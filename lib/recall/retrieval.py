@@ -82,7 +82,7 @@ def search_vectors(frozen: torch.Tensor, adapter: QueryAdapter | None) -> torch.
 def answer_rows(question: dict, rows, entries: list[dict]) -> list[int]:
     """The rows among ``rows`` (the asking user's) whose entry is the question's gold memory or holds its answer."""
     answer, gold = str(question.get("answer", "")), question.get("memory") or ""
-    if not normalise(answer) or normalise(answer) == "unknown":
+    if normalise(answer) in ("", "unknown"):
         return []
     return [int(r) for r in rows if holds_answer(entries[r]["text"], answer, gold)]
 

@@ -64,10 +64,11 @@ class LoraArguments:
             raise UserError("--merge_adapter needs --use_peft (a full fine-tune has no adapter to merge).")
 
     def peft_config(self) -> LoraConfig:
-        targets = self.lora_target_modules.strip()
-        modules = targets if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
+        from lib.models.adapters import peft_target_modules
+
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=modules, task_type="CAUSAL_LM", bias="none")
+                          target_modules=peft_target_modules(self.lora_target_modules), task_type="CAUSAL_LM",
+                          bias="none")
 
 
 @dataclass
