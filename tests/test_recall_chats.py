@@ -62,3 +62,18 @@ def test_test_users_values_are_their_own_and_small_talk_states_no_facts(chat_dir
                 assert not chats._PERSONAL.search(m["content"]), m["content"]
     chats.build(str(tmp_path / "again"), users_count=20, seed=3)
     assert (tmp_path / "again" / "facts.jsonl").read_text() == (chat_dir / "facts.jsonl").read_text()
+
+
+def test_hold_back_moves_the_newest_conversations_to_later_and_changes_nothing_else(chat_dir, tmp_path):
+    counts = chats.build(str(tmp_path), users_count=20, seed=3, hold_back=0.1)
+    everything = read(chat_dir / "logs" / "conversations.jsonl")
+    kept, later = read(tmp_path / "logs" / "conversations.jsonl"), read(tmp_path / "later" / "conversations.jsonl")
+    assert counts["later/conversations.jsonl"] == len(later) == round(len(everything) * 0.1) > 0
+    assert sorted(kept + later, key=lambda c: c["conversation_id"]) == sorted(everything,
+                                                                             key=lambda c: c["conversation_id"])
+    assert min(c["timestamp"] for c in later) >= max(c["timestamp"] for c in kept)
+    for name in ("facts.jsonl", "questions_train.jsonl", "questions_test.jsonl", "users.json"):
+        assert (tmp_path / name).read_text() == (chat_dir / name).read_text(), name
+    assert not (chat_dir / "later").exists()
+    with pytest.raises(SystemExit, match="--hold_back must lie in"):
+        chats.build(str(tmp_path / "bad"), users_count=20, seed=3, hold_back=1.0)

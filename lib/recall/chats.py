@@ -9,9 +9,12 @@ pets, employers, ... are invented words nobody else has, so a test answer can on
 
     python -m lib.recall.chats --output_dir data/chats
     python -m lib.recall.chats --output_dir data/chats --users 120 --seed 0
+    python -m lib.recall.chats --output_dir data/chats_incremental --users 40 --hold_back 0.1
 
 Writes, in --output_dir:
     logs/conversations.jsonl  {"conversation_id", "user_id", "timestamp", "messages": [{"role", "content"}, ...]}
+    later/conversations.jsonl with --hold_back F: the newest F of the conversations (by timestamp), left out of logs/
+                              to copy in later, as the next day's logs of an incremental run
     facts.jsonl               every stated fact: {"user_id", "attribute", "value", "memory", "conversation_id",
                               "timestamp", "current"}; ``memory`` is the entry an extractor should write
                               ("The user's dog is called Rex."), ``current`` false for a value later replaced
@@ -182,10 +185,16 @@ def value(kind: str, split: str, rng: random.Random, words: InventedWords) -> st
 
 
 def build(output_dir: str, users_count: int = 120, seed: int = 0, test_fraction: float = 0.2,
-          general_rows: int = 1000) -> dict[str, int]:
-    """Write the logs, facts, questions and users; return the row count of each file."""
+          general_rows: int = 1000, hold_back: float = 0.0) -> dict[str, int]:
+    """Write the logs, facts, questions and users; return the row count of each file.
+
+    ``hold_back`` moves the newest share of the conversations from ``logs/`` to ``later/``; everything else, facts and
+    questions included, is what the same seed writes without it.
+    """
     if users_count < 2:
         raise SystemExit(f"--users must be at least 2, got {users_count}.")
+    if not 0 <= hold_back < 1:
+        raise SystemExit(f"--hold_back must lie in [0, 1), got {hold_back}.")
     users = make_users(users_count, seed, test_fraction)
     rng = random.Random(seed + 1)
     talk = iter(small_talk(seed + 2, users_count * CONVERSATIONS_PER_USER * 6))
@@ -231,7 +240,12 @@ def build(output_dir: str, users_count: int = 120, seed: int = 0, test_fraction:
                                           "answer": UNKNOWN, "memory": None, "attribute": kind, "kind": UNKNOWN})
     from lib.memory.facts import general_conversations
 
-    files = {"logs/conversations.jsonl": conversations, "facts.jsonl": facts,
+    by_time = sorted(range(len(conversations)), key=lambda i: (conversations[i]["timestamp"], i))
+    later = set(by_time[len(by_time) - round(len(by_time) * hold_back):]) if hold_back else set()
+    files = {"logs/conversations.jsonl": [c for i, c in enumerate(conversations) if i not in later]}
+    if later:
+        files["later/conversations.jsonl"] = [c for i, c in enumerate(conversations) if i in later]
+    files |= {"facts.jsonl": facts,
              "questions_train.jsonl": questions["train"], "questions_test.jsonl": questions["test"],
              "general_chat.jsonl": [{"messages": m} for m in general_conversations(general_rows, seed)]}
     for name, rows in files.items():
@@ -248,10 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=120, help="Number of fictional users (10 facts each).")
     parser.add_argument("--seed", type=int, default=0, help="Everything generated follows from this seed.")
     parser.add_argument("--test_fraction", type=float, default=0.2, help="Share of users kept for testing.")
+    parser.add_argument("--hold_back", type=float, default=0.0,
+                        help="Share of the conversations, the newest, written to later/ instead of logs/: copy them "
+                             "into logs/ to measure an incremental rerun (e.g. 0.1).")
     args = parser.parse_args(argv)
     if not 0 < args.test_fraction < 1:
         raise SystemExit(f"--test_fraction must lie between 0 and 1, got {args.test_fraction}.")
-    counts = build(args.output_dir, args.users, args.seed, args.test_fraction)
+    counts = build(args.output_dir, args.users, args.seed, args.test_fraction, hold_back=args.hold_back)
     print(", ".join(f"{n} rows to {os.path.join(args.output_dir, name)}" for name, n in counts.items()))
 
 
