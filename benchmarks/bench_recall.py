@@ -4,9 +4,12 @@ come from memory).
 
     python benchmarks/bench_recall.py --recall_model outputs/recall --chats data/chats --limit 120 --json
     python benchmarks/bench_recall.py --index_only --sizes 100000,1000000 --json
+    python benchmarks/bench_recall.py --extract_only --chats data/chats --json
 
 - extraction precision / recall / F1 of the run's entries (current and replaced) against the generator's facts:
-  an entry is right when it names one of its user's fact values (skipped when the run was given its memories);
+  an entry is right when it names one of its user's fact values (skipped when the run was given its memories); and
+  the changed facts: how many earlier values left memory, how many replaced entries were still true (with
+  --extract_only: extraction and merging alone, on every user, without a trained model);
 - index recall@1 / @5: a retrieved entry of the asking user holds the answer;
 - reconstruction from ``<recall>`` + vector on trained entries: exact match and token accuracy, and the controls
   (zero, another entry's, random vector) that must collapse; held-out folds from the run's summary.json;
@@ -36,26 +39,66 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def extraction_scores(entries: list[dict], facts: list[dict], users: set[str]) -> dict:
-    """Precision: entries that name one of their user's fact values; recall: facts named by an entry of their user."""
+def extraction_scores(entries: list[dict], history: list[dict], facts: list[dict], users: set[str]) -> dict:
+    """Of ``users``' entries (``entries`` in memory, ``history`` replaced by later ones): precision, the entries that
+    name one of their user's fact values; recall, the facts named by an entry of their user. Updates: of the facts a
+    later one changed whose earlier value was extracted, those whose earlier value left memory; wrong replacements:
+    replaced entries that name a value the user still has."""
     from lib.recall.evaluation import normalise
 
-    mine = [e for e in entries if e["user_id"] in users]
-    gold = [f for f in facts if f["user_id"] in users]
-    values: dict[str, set[str]] = {}
-    for f in gold:
-        values.setdefault(f["user_id"], set()).add(normalise(f["value"]))
-
     def names(text: str, value: str) -> bool:
-        return f" {value} " in f" {normalise(text)} "
+        return f" {normalise(value)} " in f" {normalise(text)} "
 
+    mine = [e for e in entries + history if e["user_id"] in users]
+    gold = [f for f in facts if f["user_id"] in users]
+    values: dict[str, list[str]] = {}
+    current: dict[str, list[str]] = {}
+    for f in gold:
+        values.setdefault(f["user_id"], []).append(f["value"])
+        if f["current"]:
+            current.setdefault(f["user_id"], []).append(f["value"])
     right = sum(any(names(e["text"], v) for v in values.get(e["user_id"], ())) for e in mine)
-    found = sum(any(names(e["text"], normalise(f["value"])) for e in mine if e["user_id"] == f["user_id"])
-                for f in gold)
+    found = sum(any(names(e["text"], f["value"]) for e in mine if e["user_id"] == f["user_id"]) for f in gold)
     precision = right / max(1, len(mine))
     recall = found / max(1, len(gold))
+    changed = [f for f in gold if not f["current"] and any(names(e["text"], f["value"]) for e in mine
+                                                            if e["user_id"] == f["user_id"])]
+    left = [f for f in changed if not any(names(e["text"], f["value"]) for e in entries
+                                          if e["user_id"] == f["user_id"])]
+    wrong = [e for e in history if e["user_id"] in users and any(names(e["text"], v) for v in current[e["user_id"]])]
     return {"entries": len(mine), "facts": len(gold), "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / max(1e-9, precision + recall)}
+            "f1": 2 * precision * recall / max(1e-9, precision + recall), "updates_extracted": len(changed),
+            "updates_replaced": len(left), "replaced": len([e for e in history if e["user_id"] in users]),
+            "wrong_replacements": len(wrong)}
+
+
+def extract_only(model_name: str, chats: str) -> tuple[list[dict], list[dict], int, float]:
+    """Extraction and merging as ``train_memory.py --memory_type recall`` runs them (its defaults), on every
+    conversation of ``chats``: ``(entries, replaced, messages read, seconds)``."""
+    from lib.models.args import ModelArguments
+    from lib.models.loading import load_model_and_tokenizer
+    from lib.recall.args import RecallModelArguments
+    from lib.recall.extraction import extract_entries
+    from lib.recall.logs import read_conversations
+    from lib.recall.updates import merge_entries
+
+    defaults = RecallModelArguments()
+    model, tokenizer = load_model_and_tokenizer(ModelArguments(model_name_or_path=model_name))
+    tokenizer.padding_side = "left"
+    start = time.time()
+    new, read = extract_entries(model.eval(), tokenizer, read_conversations(os.path.join(chats, "logs")),
+                                batch_size=defaults.extraction_batch_size,
+                                max_new_tokens=defaults.extraction_max_new_tokens,
+                                check_grounding=defaults.check_grounding, min_logprob=defaults.extraction_min_logprob)
+    entries, replaced = merge_entries([], new)
+    return entries, replaced, read, time.time() - start
+
+
+def print_extraction(e: dict, who: str) -> None:
+    print(f"extraction ({e['extractor']}, {who}): precision {e['precision']:.3f}, recall {e['recall']:.3f}, "
+          f"F1 {e['f1']:.3f} ({e['entries']} entries, {e['facts']} facts); changed facts whose earlier value was "
+          f"extracted: {e['updates_replaced']} of {e['updates_extracted']} replaced by the later value; "
+          f"{e['wrong_replacements']} of {e['replaced']} replaced entries named a value the user still has")
 
 
 def index_speed(n: int, dim: int, *, queries: int = 200, k: int = 10, seed: int = 0) -> dict:
@@ -97,11 +140,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_new_tokens", type=int, default=32, help="Answers recite a memory first.")
     parser.add_argument("--sizes", default="100000,1000000", help="Index sizes timed (comma-separated; empty: none).")
     parser.add_argument("--index_only", action="store_true", help="Only the index timing.")
+    parser.add_argument("--extract_only", action="store_true",
+                        help="Only extraction and merging with --model, on every user of --chats (no training).")
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct", help="The extractor of --extract_only.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="End with one JSON line.")
     args = parser.parse_args(argv)
-    if not args.index_only and not args.recall_model:
-        parser.error("--recall_model is needed (or --index_only)")
+    if not args.index_only and not args.extract_only and not args.recall_model:
+        parser.error("--recall_model is needed (or --index_only, or --extract_only)")
+    if args.extract_only:
+        entries, replaced, read, seconds = extract_only(args.model, args.chats)
+        users = {u["user_id"] for u in json.load(open(os.path.join(args.chats, "users.json")))}
+        out = {"extraction": {**extraction_scores(entries, replaced, read_jsonl(os.path.join(args.chats,
+                                                                                          "facts.jsonl")), users),
+                              "extractor": args.model, "messages_read": read, "seconds": seconds}}
+        print_extraction(out["extraction"], f"all {len(users)} users, {read} messages, {seconds:.0f} s")
+        if args.json:
+            print(json.dumps(out))
+        return out
 
     import random
 
@@ -121,7 +177,7 @@ def main(argv=None) -> dict:
         entries = read_jsonl(os.path.join(args.recall_model, "memories.jsonl"))
         history = read_jsonl(os.path.join(args.recall_model, "history.jsonl"))
         if summary["counts"].get("messages_read"):
-            out["extraction"] = extraction_scores(entries + history, read_jsonl(os.path.join(args.chats,
+            out["extraction"] = extraction_scores(entries, history, read_jsonl(os.path.join(args.chats,
                                                                                           "facts.jsonl")), test_users)
             out["extraction"]["extractor"] = summary["settings"]["extractor_model"]
         assistant = RecallAssistant(args.recall_model)
@@ -171,9 +227,7 @@ def main(argv=None) -> dict:
                   f"{h['exact_match_std']:.3f}, token accuracy {h['token_accuracy_mean']:.3f} ± "
                   f"{h['token_accuracy_std']:.3f}")
         if "extraction" in out:
-            e = out["extraction"]
-            print(f"extraction ({e['extractor']}): precision {e['precision']:.3f}, recall {e['recall']:.3f}, "
-                  f"F1 {e['f1']:.3f} ({e['entries']} entries, {e['facts']} facts)")
+            print_extraction(out["extraction"], "test users")
         if out["recall_vs_upper_bound"] is not None:
             print(f"QA with recall / gold text in the prompt, questions with a gold memory: {paired['recall']:.3f} / "
                   f"{upper:.3f} = "

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lib.recall import extraction
+from lib.recall.updates import merge_entries
 
 
 # ---- extraction: parsing, grounding, duplicates and contradictions ------------------------------------------
@@ -22,6 +23,8 @@ from lib.recall import extraction
     ("The user's favourite band is The Daburs.", "My favourite band The Dabuss is touring soon",
      "The user's favourite band is The Dabuss."),
     ("The user's dog is called Rex.", "my dog Tralor was barking", None),                 # not close: invented
+    ("The user lives in for.", "Oh for sure!", None),                # grounded, but says nothing: no content word
+    ("The user loves it.", "I love it", None),
 ])
 def test_an_entry_is_kept_only_when_it_is_a_fact_grounded_in_its_message(generated, message, expected):
     assert extraction.parse_entry(generated, message) == expected
@@ -121,7 +124,7 @@ def test_a_later_contradicting_entry_replaces_the_earlier_and_duplicates_are_dro
            entry("u1", "The user's partner is called Bo.", "2025-03-01", "c1"),      # differs early: no conflict
            entry("u1", "The user is a potter.", "2025-03-01", "c1"), entry("u1", "The user is a nurse.", "2025-04-01",
                                                                            "c2")]  # only "the user is a": both stay
-    kept, replaced = extraction.merge_entries(old, new)
+    kept, replaced = merge_entries(old, new)
     texts = {(e["user_id"], e["text"]) for e in kept}
     assert ("u1", "The user lives in Talmor.") in texts and ("u1", "The user lives in Brovik.") not in texts
     assert ("u2", "The user lives in Brovik.") in texts          # another user's memory is never touched
@@ -129,9 +132,50 @@ def test_a_later_contradicting_entry_replaces_the_earlier_and_duplicates_are_dro
     assert [(r["text"], r["replaced_by"]) for r in replaced] == [("The user lives in Brovik.",
                                                                  "The user lives in Talmor.")]
     # Entries of a re-read conversation leave before its new entries come in.
-    kept, _ = extraction.merge_entries(kept, [], dropped_conversations={"c1"})
+    kept, _ = merge_entries(kept, [], dropped_conversations={"c1"})
     assert {e["text"] for e in kept if e["user_id"] == "u1"} == {"The user's sister is called Ana.",
                                                                  "The user is a nurse."}
+
+
+@pytest.mark.parametrize("earlier, later, message, replaced", [
+    # One relation in other words: employer, job, home, car, one thing of the user's.
+    ("The user's company is called Sivakrin Labs.", "The user works for Stimar Labs.", "", True),
+    ("The user works as a nurse.", "The user's job is plumber.", "", True),
+    ("The user's home town is Brovik.", "The user lives in Talmor.", "", True),
+    ("The user's car is called the Hubris.", "The user drives a Pabomu.", "", True),
+    ("The user's favourite hobby is juggling.", "The user's hobby is fencing.", "", True),
+    ("The user works for Stimar Labs.", "The user's company is called Stimar Labs.", "", False),  # the same value
+    ("The user lives in Brovik.", "The user lives in Brovik with her dog.", "", False),
+    # A role changes only when the message says that something changed.
+    ("The user has been a baker for six years.", "The user is a geologist.", "I changed careers, I'm a geologist now",
+     True),
+    ("The user works as a nurse.", "The user is a potter.", "I'm a potter on weekends", False),
+    ("The user is a nurse.", "The user is a potter.", "", False),
+    # A thing's name is not the thing's other news; relations that hold several values keep them all.
+    ("The user's brother is called Sam.", "The user's brother is visiting.", "", False),
+    ("The user is allergic to sesame.", "The user is allergic to latex.", "", False),
+    ("The user has been doing well.", "The user has been a nurse for six years.", "", False),
+    ("The user's dog is called Rex.", "The user's cat is called Mila.", "", False),
+    # Unknown relations: the wording rule.
+    ("The user's sister lives in Oslo.", "The user's sister lives in Rome.", "", True),
+    # A later message must say that something changed (where it is known); a duration is not a change.
+    ("The user lives in Brovik.", "The user lives in Talmor.", "we finally moved, I'm living in Talmor", True),
+    ("The user lives in Brovik.", "The user lives in Greece.", "Or people in Greece where the rent is lower", False),
+    ("The user's sister lives in Oslo.", "The user's sister lives in Rome.", "my sister lives in Rome", False),
+    ("The user is a beekeeper.", "The user has been a translator for six years.",
+     "I've been a translator for six years now", False),
+    ("The user is a pilot.", "The user is a librarian.", "I quit my old job! I'm a librarian now", True),
+])
+def test_a_later_entry_replaces_an_earlier_one_when_it_changes_the_same_fact(earlier, later, message, replaced):
+    old = [entry("u1", earlier, "2025-01-01"), entry("u2", earlier, "2025-01-01")]
+    kept, gone = merge_entries(old, [{**entry("u1", later, "2025-03-01", "c1"), "message": message}])
+    assert [(g["text"], g["replaced_by"]) for g in gone] == ([(earlier, later)] if replaced else [])
+    assert {(e["user_id"], e["text"]) for e in kept} == {("u1", later), ("u2", earlier)} | (
+        set() if replaced else {("u1", earlier)})
+    # An earlier entry is never replaced by one written before it.
+    _, gone = merge_entries([entry("u1", earlier, "2025-05-01")], [{**entry("u1", later, "2025-03-01", "c1"),
+                                                                    "message": message}])
+    assert gone == []
 
 
 def test_training_questions_read_their_gold_memory_and_recite_it_before_answering():

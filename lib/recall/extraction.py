@@ -5,13 +5,13 @@ generic examples; the first line of the answer is parsed into an entry ("The use
 the entry that is not in the message but close to one of its words is a misspelt copy of it and takes the message's
 spelling ("Trelor" for "Tralor": a small model copies rare names badly). Three checks keep what a small extractor
 invents out of memory: an entry must start with "The user", every content word of it must appear in the message it
-came from (a shared 4-letter stem is enough: "lives" / "live"; a past form grounds its present: "took" / "takes"), and
-optionally the extractor's mean log-probability of the entry's tokens must reach a floor (it is less sure of what it
-invents). An entry that leaves out a name its message gives ("My partner Lastos and I are going to the movies" ->
-"The user is going to the movies.") lost what the message was about: the extractor is asked once more with its
-answer begun as "The user's", and the new entry replaces it when it holds the names. Entries are deduplicated per
-user; a later entry that differs from an earlier one of the same user only in its last words ("The user lives in
-Brovik." then "The user lives in Talmor.") replaces it, and the replaced one goes to the history.
+came from (a shared 4-letter stem is enough: "lives" / "live"; a past form grounds its present: "took" / "takes"),
+and optionally the extractor's mean log-probability of the entry's tokens must reach a floor (it is less sure of
+what it invents); an entry of frame words alone ("The user lives in for.", "The user loves it.") says nothing. An
+entry that leaves out a name its message gives ("My partner Lastos and I are going to the movies" -> "The user is
+going to the movies.") lost what the message was about: the extractor is asked once more with its answer begun as
+"The user's", and the new entry replaces it when it holds the names. How entries of the same user are deduplicated
+and how a later one replaces an earlier one: ``lib.recall.updates``.
 """
 
 from __future__ import annotations
@@ -140,7 +140,10 @@ def parse_entry(generated: str, message: str, *, check_grounding: bool = True) -
     line = re.sub(r"\s+", " ", line).rstrip(" ,;:")
     if not line.endswith((".", "!", "?")):
         line += "."
-    if len(words(line)) < 4 or (check_grounding and not grounded(line, message)):
+    said = words(line)
+    if len(said) < 4 or all(word in FRAME_WORDS for word in said):   # "The user lives in for." says nothing
+        return None
+    if check_grounding and not grounded(line, message):
         return None
     return line
 
@@ -237,46 +240,3 @@ def extract_entries(model, tokenizer, conversations: list[dict], *, batch_size: 
                             "conversation_id": conversation["conversation_id"],
                             "timestamp": conversation["timestamp"], "message": message})
     return entries, len(said)
-
-
-def _key(text: str) -> tuple[str, ...]:
-    return tuple(words(text))
-
-
-GENERIC_WORDS = {"the", "user", "user's", "users", "is", "was", "a", "an", "has", "have", "had", "their"}
-
-
-def contradicts(earlier: str, later: str, min_shared: int = 4) -> bool:
-    """The two entries say the same thing about a different value: equal first ``min_shared`` or more words, one of
-    them saying what the fact is about (not only "the user is a"), then different last words ("The user lives in
-    Brovik." / "The user lives in Talmor."; "The user is a nurse." / "The user is a potter." may be a job and a
-    hobby, and both stay)."""
-    a, b = _key(earlier), _key(later)
-    if a == b:
-        return False
-    shared = 0
-    while shared < min(len(a), len(b)) and a[shared] == b[shared]:
-        shared += 1
-    about = any(word not in GENERIC_WORDS for word in a[:shared])
-    return shared >= min_shared and about and shared < len(a) and shared < len(b)
-
-
-def merge_entries(entries: list[dict], new: list[dict], dropped_conversations: set[str] = frozenset()
-                  ) -> tuple[list[dict], list[dict]]:
-    """The memory after ``new`` entries arrive: ``(entries, replaced)``.
-
-    Entries of ``dropped_conversations`` (changed or re-read conversations) leave first; a new entry equal to one
-    the user already has is a duplicate; a new entry that contradicts an earlier one of the same user replaces it
-    (the earlier one is returned in ``replaced`` with ``replaced_by``). New entries are taken in time order."""
-    kept = [dict(e) for e in entries if e["conversation_id"] not in dropped_conversations]
-    replaced = []
-    for entry in sorted(new, key=lambda e: (e["timestamp"], e["conversation_id"])):
-        same_user = [e for e in kept if e["user_id"] == entry["user_id"]]
-        if any(_key(e["text"]) == _key(entry["text"]) for e in same_user):
-            continue
-        for old in same_user:
-            if old["timestamp"] <= entry["timestamp"] and contradicts(old["text"], entry["text"]):
-                kept.remove(old)
-                replaced.append({**old, "replaced_by": entry["text"], "replaced_at": entry["timestamp"]})
-        kept.append(dict(entry))
-    return kept, replaced

@@ -45,7 +45,7 @@ def run(argv=None) -> dict:
         RecallModelArguments,
         RecallTrainingArguments,
     )
-    from lib.recall.extraction import extract_entries, merge_entries
+    from lib.recall.extraction import extract_entries
     from lib.recall.index import MemoryIndex
     from lib.recall.logs import (
         given_entries,
@@ -62,6 +62,7 @@ def run(argv=None) -> dict:
     )
     from lib.recall.outputs import push_run, write_run_files
     from lib.recall.retrieval import QueryAdapter, question_vectors, search_vectors, train_query_adapter
+    from lib.recall.updates import merge_entries
     from lib.recall.vectors import extract_last_token_embedding
 
     model_args, data_args, recall_args, args, _ = parse_args(
