@@ -127,8 +127,8 @@ def index_speed(n: int, dim: int, *, queries: int = 200, k: int = 10, seed: int 
     _, ids = approx.search(query, k)
     approx_time = (time.perf_counter() - start) / queries
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact_ids)]))
-    return {"entries": n, "dim": dim, "build_s": build, "exact_ms": exact_time * 1e3, "ivf_ms": approx_time * 1e3, "lists": approx.nlist, "nprobe": approx.nprobe,
-            "speedup": exact_time / approx_time, f"recall@{k}": recall}
+    return {"entries": n, "dim": dim, "build_s": build, "exact_ms": exact_time * 1e3, "ivf_ms": approx_time * 1e3,
+            "lists": approx.nlist, "nprobe": approx.nprobe, "speedup": exact_time / approx_time, f"recall@{k}": recall}
 
 
 def main(argv=None) -> dict:
@@ -243,7 +243,8 @@ def main(argv=None) -> dict:
     for n in sizes:
         speed = index_speed(n, dim, seed=args.seed)
         out["index_speed"].append(speed)
-        print(f"index, {n:,} entries: IVF ({speed['lists']} lists, {speed['nprobe']} probed) {speed['ivf_ms']:.3f} ms vs exact {speed['exact_ms']:.3f} ms per query "
+        print(f"index, {n:,} entries: IVF ({speed['lists']} lists, {speed['nprobe']} probed) {speed['ivf_ms']:.3f} ms "
+              f"vs exact {speed['exact_ms']:.3f} ms per query "
               f"= {speed['speedup']:.1f}x, recall@10 {speed['recall@10']:.3f} (build {speed['build_s']:.0f} s)",
               flush=True)
     if args.json:
