@@ -65,11 +65,11 @@ def extraction_scores(entries: list[dict], history: list[dict], facts: list[dict
                                                             if e["user_id"] == f["user_id"])]
     left = [f for f in changed if not any(names(e["text"], f["value"]) for e in entries
                                           if e["user_id"] == f["user_id"])]
-    wrong = [e for e in history if e["user_id"] in users and any(names(e["text"], v) for v in current[e["user_id"]])]
+    replaced = [e for e in history if e["user_id"] in users]
+    wrong = [e for e in replaced if any(names(e["text"], v) for v in current.get(e["user_id"], ()))]
     return {"entries": len(mine), "facts": len(gold), "precision": precision, "recall": recall,
             "f1": 2 * precision * recall / max(1e-9, precision + recall), "updates_extracted": len(changed),
-            "updates_replaced": len(left), "replaced": len([e for e in history if e["user_id"] in users]),
-            "wrong_replacements": len(wrong)}
+            "updates_replaced": len(left), "replaced": len(replaced), "wrong_replacements": len(wrong)}
 
 
 def extract_only(model_name: str, chats: str) -> tuple[list[dict], list[dict], int, float]:

@@ -202,31 +202,6 @@ def test_evaluate_and_the_benchmark_measure_a_recall_model(trained, chats_dir, t
         assert 0 <= part["recall@1"] <= part["recall@3"] <= part["recall@5"] <= 1 + 1e-9
 
 
-def test_extraction_scores_count_right_entries_found_facts_and_changed_facts():
-    from benchmarks.bench_recall import extraction_scores
-
-    def fact(user, value, current=True):
-        return {"user_id": user, "value": value, "current": current}
-
-    def entry(user, text):
-        return {"user_id": user, "text": text}
-
-    facts = [fact("u1", "Brovik", False), fact("u1", "Talmor"), fact("u1", "Rex"), fact("u1", "nurse", False),
-             fact("u1", "potter"), fact("u2", "Oslo", False), fact("u2", "Rome"), fact("u3", "Ana")]
-    entries = [entry("u1", "The user lives in Talmor."), entry("u1", "The user is a nurse."),
-               entry("u1", "The user is a potter."), entry("u1", "The user likes rain."),
-               entry("u2", "The user lives in Rome."), entry("u3", "The user's dog is Ana.")]
-    history = [entry("u1", "The user lives in Brovik."), entry("u1", "The user's dog is called Rex."),
-               entry("u2", "The user lives in Oslo."), entry("u3", "The user's sister is called Ana.")]
-    scores = extraction_scores(entries, history, facts, {"u1", "u2"})
-    # u1: 6 entries, 5 name a value of u1 (not "likes rain"); u2: 2 of 2. Facts found: all 7 of u1 and u2.
-    assert scores["entries"] == 8 and scores["precision"] == 7 / 8 and scores["recall"] == 1.0
-    # Changed facts extracted: Brovik, nurse (u1), Oslo (u2); Brovik and Oslo left memory, "nurse" stayed.
-    assert (scores["updates_extracted"], scores["updates_replaced"]) == (3, 2)
-    # Replaced: 3 of u1 and u2; "dog is called Rex" was still true (u3's is not counted: not in users).
-    assert (scores["replaced"], scores["wrong_replacements"]) == (3, 1)
-
-
 def test_bench_recall_extract_only_extracts_and_merges_every_users_conversations(chats_dir):
     from benchmarks.bench_recall import main as bench
 
